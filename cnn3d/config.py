@@ -1,0 +1,536 @@
+"""One configuration for the whole project, as nested dataclasses.
+
+Every field carries a default, a one-line doc and, where it makes sense, a
+valid range or a set of choices (``field.metadata``). The tuner derives its
+search spaces from that metadata, the CLIs derive ``--set`` help from it, and
+``flatten``/``with_overrides`` speak one dotted vocabulary
+(``transform.dropout``, ``lattice.size``) used everywhere: CLI overrides,
+Optuna parameter names, MLflow params and saved config JSON.
+
+No singleton: build a ``Config`` (or take a ``preset``) and pass it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FieldSpec",
+    "LatticeConfig",
+    "LossConfig",
+    "MoEConfig",
+    "PRESETS",
+    "TeacherConfig",
+    "TrainConfig",
+    "TransformConfig",
+    "field_spec",
+    "field_specs",
+    "flatten",
+    "from_dict",
+    "load_config",
+    "preset",
+    "save_config",
+    "to_dict",
+    "unflatten",
+    "with_overrides",
+]
+
+EXPERT_NAMES = ("local", "functional", "distant")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message says what would be right."""
+
+
+def param(default: Any, doc: str, *, low=None, high=None, choices=None, log=False, tune=True):
+    """A dataclass field with a doc line and an optional range or choices.
+
+    ``low``/``high`` are inclusive bounds; ``log`` marks fields searched on a log
+    scale (learning rates); ``tune=False`` keeps a field out of default search spaces.
+    """
+    meta = {"doc": doc, "low": low, "high": high, "choices": choices, "log": log, "tune": tune}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen Hugging Face encoder that provides target embeddings."""
+
+    model: str = param(
+        "all-MiniLM-L6-v2",
+        "Hub name or local folder of the teacher; 'all-MiniLM-L6-v2' loads the bundled offline copy.",
+        tune=False,
+    )
+    pooling: Literal["mean", "cls"] = param("mean", "How token states become one sentence vector.", choices=("mean", "cls"))
+    normalize: bool = param(False, "L2-normalise teacher embeddings.")
+    max_length: int = param(64, "Tokens per sentence before truncation.", low=8, high=512, tune=False)
+    batch_size: int = param(128, "Sentences per teacher forward pass.", low=1, high=4096, tune=False)
+    embedding_dim: int = param(
+        0, "Expected teacher dimension; 0 takes it from the model (a mismatch is an error).", low=0, high=16384, tune=False
+    )
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """The embedding transformer between the teacher space and the lattice faces."""
+
+    kind: Literal["linear", "hierarchical", "attention", "autoencoder"] = param(
+        "linear", "Architecture of teacher->face and face->teacher maps.",
+        choices=("linear", "hierarchical", "attention", "autoencoder"),
+    )
+    hidden_sizes: tuple[int, ...] = param(
+        (512, 1024), "Hidden widths of the hierarchical/autoencoder stacks (e.g. 768->512->1024->face).", tune=False
+    )
+    dropout: float = param(0.0, "Dropout inside the transformer.", low=0.0, high=0.5)
+    layer_norm: bool = param(True, "LayerNorm on the face and on the output.")
+    positional_encoding: bool = param(True, "Learned positional encoding added over the input face.")
+    attention_tokens: int = param(16, "Tokens the teacher vector is split into for kind=attention.", low=1, high=256)
+    attention_heads: int = param(4, "Heads for kind=attention.", low=1, high=16)
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    """Geometry and dynamics of the 3D lattice. Tensors are [B, C, D, H, W]; front face z=0."""
+
+    size: int = param(8, "Cube side; depth/height/width default to it.", low=2, high=128)
+    depth: int = param(0, "Cells along z (front z=0 to back z=depth-1); 0 uses size.", low=0, high=256, tune=False)
+    height: int = param(0, "Face height; 0 uses size.", low=0, high=256, tune=False)
+    width: int = param(0, "Face width; 0 uses size.", low=0, high=256, tune=False)
+    steps: int = param(8, "Message-passing steps; 0 means the lattice never sees the input.", low=0, high=512)
+    state_size: int = param(16, "Channels of state per cell.", low=1, high=512)
+    face_channels: int = param(1, "Numbers per face cell carried in and out (1 = one number per cell).", low=1, high=64)
+    boundary: Literal["zero", "periodic"] = param("zero", "Beyond the lattice edge: zeros or wrap-around.", choices=("zero", "periodic"))
+    update_rate: float = param(0.8, "Damping: s <- (1-r)*s + r*tanh(message).", low=0.05, high=1.0)
+    inject: Literal["every_step", "once"] = param(
+        "every_step", "Drive the front face with the input at every step or only the first.", choices=("every_step", "once")
+    )
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(depth, height, width) after applying ``size`` defaults."""
+        return (self.depth or self.size, self.height or self.size, self.width or self.size)
+
+    @property
+    def face_numbers(self) -> int:
+        """Numbers carried by one face: height * width * face_channels (the seed plan's cube_embedding_dim)."""
+        _, h, w = self.dims
+        return h * w * self.face_channels
+
+    @property
+    def num_cells(self) -> int:
+        d, h, w = self.dims
+        return d * h * w
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts connection processor shared by all cells."""
+
+    experts: tuple[str, ...] = param(EXPERT_NAMES, "Experts in use, any of local, functional, distant.", tune=False)
+    local_hidden: int = param(32, "Hidden width of the local expert's per-cell MLP.", low=1, high=1024)
+    functional_radius: int = param(2, "Reach of the functional expert along each axis (6*radius neighbours).", low=1, high=8)
+    functional_heads: int = param(2, "Attention heads of the functional expert (must divide lattice.state_size, else 1).", low=1, high=16)
+    distant_links: int = param(4, "Fixed long-range links per cell for the distant expert.", low=1, high=64)
+    distant_min_distance: int = param(2, "Chebyshev distance a distant link must at least span.", low=2, high=64)
+    gating: Literal["softmax", "topk"] = param("softmax", "Gate weighting over experts.", choices=("softmax", "topk"))
+    top_k: int = param(2, "Experts kept per cell when gating=topk.", low=1, high=3)
+    gate_temperature: float = param(1.0, "Softmax temperature of the gate.", low=0.05, high=10.0, log=True)
+    seed: int = param(0, "Seed of the fixed distant-link pattern.", low=0, high=2**31 - 1, tune=False)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the training losses (0 switches a term off)."""
+
+    reconstruction: float = param(1.0, "MSE to the teacher embedding.", low=0.0, high=10.0)
+    cosine: float = param(1.0, "1 - cosine similarity to the teacher embedding.", low=0.0, high=10.0)
+    diversity: float = param(0.1, "Penalty on a batch of outputs collapsing onto one vector.", low=0.0, high=5.0)
+    emergence: float = param(0.01, "Sparse activity plus expert load balance (never rewards worse reconstruction).", low=0.0, high=1.0)
+    triplet: float = param(0.0, "Triplet loss over teacher-space neighbours.", low=0.0, high=5.0)
+    triplet_margin: float = param(0.1, "Cosine margin of the triplet loss.", low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, phases, precision and the device."""
+
+    warmup_epochs: int = param(0, "Warm-up epochs (synthetic sentences when train.warmup_synthetic).", low=0, high=1000, tune=False)
+    main_epochs: int = param(3, "Main epochs on the corpus.", low=0, high=10000, tune=False)
+    fine_tune_epochs: int = param(0, "Fine-tune epochs at a tenth of the learning rate.", low=0, high=1000, tune=False)
+    warmup_synthetic: bool = param(True, "Warm up on generated sentences instead of the corpus.", tune=False)
+    batch_size: int = param(32, "Sentences per optimiser micro-batch.", low=1, high=4096)
+    grad_accum_steps: int = param(1, "Micro-batches accumulated per optimiser step.", low=1, high=256)
+    lr: float = param(3e-3, "Base AdamW learning rate.", low=1e-5, high=1e-1, log=True)
+    lr_mult_local: float = param(1.0, "Learning-rate multiplier of the local expert.", low=0.1, high=10.0, log=True)
+    lr_mult_functional: float = param(1.0, "Learning-rate multiplier of the functional expert.", low=0.1, high=10.0, log=True)
+    lr_mult_distant: float = param(1.0, "Learning-rate multiplier of the distant expert.", low=0.1, high=10.0, log=True)
+    lr_mult_gating: float = param(1.0, "Learning-rate multiplier of the gate.", low=0.1, high=10.0, log=True)
+    lr_mult_transform: float = param(1.0, "Learning-rate multiplier of the embedding transformers.", low=0.1, high=10.0, log=True)
+    weight_decay: float = param(0.01, "AdamW weight decay.", low=0.0, high=0.5)
+    grad_clip: float = param(1.0, "Max gradient norm (0 = no clipping).", low=0.0, high=100.0)
+    scheduler: Literal["cosine", "constant", "linear"] = param(
+        "cosine", "Learning-rate schedule after a short linear warm-up.", choices=("cosine", "constant", "linear")
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = param(
+        "fp32", "Autocast precision; auto = bf16 on CUDA when supported, else fp32.", choices=("auto", "fp32", "bf16", "fp16")
+    )
+    gradient_checkpointing: bool = param(False, "Recompute lattice steps in backward to bound memory.", tune=False)
+    freeze_transforms: bool = param(False, "Train only the MoE experts and gate; freeze the embedding transformers.")
+    curriculum: bool = param(False, "Start on the easiest sentences and widen to harder ones.")
+    curriculum_start_difficulty: float = param(0.3, "Easiest fraction of the corpus used at the first epoch.", low=0.01, high=1.0)
+    curriculum_end_difficulty: float = param(1.0, "Fraction used by the last main epoch.", low=0.01, high=1.0)
+    seed: int = param(0, "Seed of weights, data order and dropout.", low=0, high=2**31 - 1, tune=False)
+    device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", "Where to train; auto picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"), tune=False)
+    num_threads: int = param(0, "Torch CPU threads (0 = leave torch's default).", low=0, high=1024, tune=False)
+    eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus, split and the embedding cache."""
+
+    corpus: str = param("builtin", "'builtin', 'synthetic', a .txt/.jsonl/.csv file or folder, or hf:DATASET[:SPLIT].", tune=False)
+    text_column: str = param("text", "Column holding the text in .jsonl/.csv corpora.", tune=False)
+    validation_fraction: float = param(0.2, "Share of sentences in the validation split (by hash, stable).", low=0.01, high=0.9, tune=False)
+    max_sentences: int = param(0, "Use at most this many sentences (0 = all).", low=0, high=10_000_000, tune=False)
+    min_words: int = param(3, "Drop sentences shorter than this.", low=1, high=1000, tune=False)
+    max_words: int = param(64, "Drop sentences longer than this.", low=1, high=10000, tune=False)
+    synthetic_sentences: int = param(2000, "Generated sentences for warm-up (or corpus=synthetic).", low=1, high=10_000_000, tune=False)
+    cache: bool = param(True, "Keep teacher embeddings in the on-disk cache.", tune=False)
+    cache_dir: str = param("~/.cache/cnn3d/embeddings", "Folder of the shared embedding cache.", tune=False)
+    max_cache_size_gb: float = param(10.0, "Cap of the cache; least-recently-used shards are evicted beyond it.", low=0.0, high=10_000.0, tune=False)
+    cache_dtype: Literal["float16", "float32"] = param("float32", "Storage precision of cached vectors.", choices=("float16", "float32"), tune=False)
+    decode_bank: str = param("", "Extra text file whose lines join the decoder's phrase bank.", tune=False)
+
+
+SECTIONS = {
+    "teacher": TeacherConfig,
+    "transform": TransformConfig,
+    "lattice": LatticeConfig,
+    "moe": MoEConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole project's configuration; see each section for its fields."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    lattice: LatticeConfig = field(default_factory=LatticeConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def total_epochs(self) -> int:
+        t = self.train
+        return t.warmup_epochs + t.main_epochs + t.fine_tune_epochs
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What the config knows about one dotted key: type, default, doc, range or choices."""
+
+    key: str
+    type: Any
+    default: Any
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    log: bool = False
+    tune: bool = True
+
+    @property
+    def kind(self) -> str:
+        """'bool', 'int', 'float', 'str', 'tuple' or 'choice'."""
+        if self.choices:
+            return "choice"
+        return {bool: "bool", int: "int", float: "float", str: "str"}.get(self.type, "tuple")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hint = typing.get_type_hints(cls)[name]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return str
+    if origin in (tuple,):
+        return tuple
+    if origin in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def field_specs() -> dict[str, FieldSpec]:
+    """Every dotted key of ``Config`` with its metadata, in declaration order."""
+    specs = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            key = f"{section}.{f.name}"
+            specs[key] = FieldSpec(
+                key=key, type=_field_type(cls, f.name), default=default, doc=m.get("doc", ""),
+                low=m.get("low"), high=m.get("high"),
+                choices=tuple(m["choices"]) if m.get("choices") else None,
+                log=m.get("log", False), tune=m.get("tune", True),
+            )
+    return specs
+
+
+def field_spec(key: str) -> FieldSpec:
+    """Metadata of one dotted key; unknown keys raise ``ConfigError`` with suggestions."""
+    specs = field_specs()
+    if key not in specs:
+        raise ConfigError(unknown_key_message(key, specs))
+    return specs[key]
+
+
+def unknown_key_message(key: str, specs: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(specs), n=3, cutoff=0.5)
+    if not close:  # match on the last part alone, e.g. "dropout" -> transform.dropout
+        tail = key.rsplit(".", 1)[-1]
+        close = [k for k in specs if k.rsplit(".", 1)[-1] == tail][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run with --list-keys to see them all"
+    return f"unknown config key '{key}'{hint}"
+
+
+# --------------------------------------------------------------------------- coercion & validation
+
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def coerce(spec: FieldSpec, value: Any) -> Any:
+    """Turn ``value`` (possibly a CLI string or a JSON list) into the field's type."""
+    try:
+        if spec.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            s = str(value).strip().lower()
+            if s in _TRUE | _FALSE:
+                return s in _TRUE
+            raise ValueError
+        if spec.type is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if spec.type is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if spec.type is tuple:
+            if isinstance(value, str):
+                parts = [p.strip() for p in value.strip("()[] ").split(",") if p.strip()]
+            else:
+                parts = list(value)
+            elem = int if isinstance(spec.default, tuple) and spec.default and isinstance(spec.default[0], int) else str
+            return tuple(elem(p) for p in parts)
+        return str(value)
+    except (TypeError, ValueError):
+        want = {bool: "true or false", int: "an integer", float: "a number", tuple: "a comma-separated list"}.get(spec.type, "a string")
+        raise ConfigError(f"{spec.key}={value!r} is not {want}") from None
+
+
+def check_value(spec: FieldSpec, value: Any) -> None:
+    """Raise ``ConfigError`` naming the field, the value and what is allowed."""
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"{spec.key}={value!r} is not one of {', '.join(map(str, spec.choices))}")
+    if spec.type in (int, float) and not isinstance(value, bool):
+        if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
+            raise ConfigError(f"{spec.key}={value!r} is out of range [{spec.low}, {spec.high}]")
+
+
+def validate(config: Config) -> None:
+    """Check every field against its metadata, then the cross-field rules."""
+    flat = flatten(config)
+    for key, spec in field_specs().items():
+        check_value(spec, flat[key])
+    unknown = [e for e in config.moe.experts if e not in EXPERT_NAMES]
+    if unknown or not config.moe.experts or len(set(config.moe.experts)) != len(config.moe.experts):
+        raise ConfigError(
+            f"moe.experts={','.join(config.moe.experts)!s} must be distinct names from {', '.join(EXPERT_NAMES)}"
+        )
+    if config.moe.gating == "topk" and config.moe.top_k > len(config.moe.experts):
+        raise ConfigError(f"moe.top_k={config.moe.top_k} exceeds the {len(config.moe.experts)} experts in moe.experts")
+    if any(h < 1 for h in config.transform.hidden_sizes) or not config.transform.hidden_sizes:
+        raise ConfigError(f"transform.hidden_sizes={config.transform.hidden_sizes} must be one or more positive widths")
+    if config.train.curriculum_end_difficulty < config.train.curriculum_start_difficulty:
+        raise ConfigError(
+            "train.curriculum_end_difficulty must be >= train.curriculum_start_difficulty "
+            f"(got {config.train.curriculum_end_difficulty} < {config.train.curriculum_start_difficulty})"
+        )
+    if config.data.max_words < config.data.min_words:
+        raise ConfigError(f"data.max_words={config.data.max_words} must be >= data.min_words={config.data.min_words}")
+    if config.total_epochs < 1:
+        raise ConfigError("train.warmup_epochs + train.main_epochs + train.fine_tune_epochs must be at least 1")
+
+
+# --------------------------------------------------------------------------- dotted vocabulary
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """``{dotted_key: value}`` for every field; ``unflatten`` inverts it exactly."""
+    return {
+        f"{section}.{f.name}": getattr(getattr(config, section), f.name)
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+    }
+
+
+def unflatten(flat: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Build a validated ``Config`` from dotted keys (missing keys keep ``base``'s values)."""
+    return with_overrides(base or Config(), flat)
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """A new validated config with ``overrides`` (dotted keys; strings are coerced by field type).
+
+    Unknown keys raise ``ConfigError`` listing the closest valid keys; out-of-range
+    values raise naming the field, the value and the allowed range.
+    """
+    specs = field_specs()
+    per_section: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if key not in specs:
+            raise ConfigError(unknown_key_message(key, specs))
+        spec = specs[key]
+        value = coerce(spec, value)
+        check_value(spec, value)
+        section, name = key.split(".", 1)
+        per_section.setdefault(section, {})[name] = value
+    replaced = {
+        section: dataclasses.replace(getattr(config, section), **changes) for section, changes in per_section.items()
+    }
+    return dataclasses.replace(config, **replaced)
+
+
+def parse_assignments(items: typing.Iterable[str]) -> dict[str, str]:
+    """``["a.b=1", "c.d=x"]`` -> ``{"a.b": "1", "c.d": "x"}``; a malformed item raises ``ConfigError``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. transform.dropout=0.1), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Nested plain dict (tuples become lists) for JSON/YAML."""
+    return {
+        section: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(config, section)).items()}
+        for section in SECTIONS
+    }
+
+
+def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Inverse of ``to_dict``; accepts nested sections or flat dotted keys."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return with_overrides(base or Config(), flat)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write JSON (or YAML for .yaml/.yml) that ``load_config`` reads back exactly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_dict(config)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    path.write_text(text)
+    return path
+
+
+def load_config(path: str | Path, base: Config | None = None) -> Config:
+    """Read a JSON/YAML config file; errors name the file and the problem in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error becomes one line
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}".splitlines()[0]) from None
+    try:
+        return from_dict(data or {}, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- presets
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 8x8x8, one number per face cell: seconds per epoch on a laptop CPU.
+    "test": {},
+    # 8x8 face is a tight bottleneck (see BENCHMARKS.md); a 16x16 face at depth 8.
+    "wide": {"lattice.size": 16, "lattice.depth": 8, "lattice.steps": 8},
+    # The plan's full size: 37x37x37, face 37x37 = 1369 numbers.
+    "full": {
+        "lattice.size": 37,
+        "lattice.steps": 40,
+        "transform.kind": "hierarchical",
+        "train.batch_size": 8,
+        "train.gradient_checkpointing": True,
+        "train.precision": "auto",
+    },
+}
+
+
+def preset(name: str) -> Config:
+    """A named starting configuration: 'test' (8^3), 'wide' (16x16x8) or 'full' (37^3)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return with_overrides(Config(), PRESETS[name])

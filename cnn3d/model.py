@@ -1,0 +1,142 @@
+"""The lattice student: teacher embedding -> front face -> lattice steps -> back face -> teacher space.
+
+The only path from input to output runs through the lattice: the front face is
+lifted cell by cell into the states at ``z = 0``, the processor runs ``steps``
+times, and only the back face ``z = D - 1`` is read out. With ``steps = 0`` the
+output does not depend on the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import Config
+from .moe import MoEProcessor
+from .transform import EmbeddingTransformer
+
+
+@dataclass
+class StudentOutput:
+    """What one forward pass produces. Shapes use B batch, T teacher dim, C state, E experts."""
+
+    embedding: torch.Tensor  # [B, T]
+    face_in: torch.Tensor  # [B, F, H, W] numbers injected at the front face
+    face_out: torch.Tensor  # [B, F, H, W] numbers read from the back face
+    state: torch.Tensor  # [B, C, D, H, W] final lattice state
+    gates: torch.Tensor  # [B, E, D, H, W] gate weights averaged over steps (uniform if steps = 0)
+    activity: torch.Tensor  # scalar: mean |state| over steps (for the sparsity loss)
+
+
+class FaceIO(nn.Module):
+    """Per-cell maps shared by all face cells: F numbers -> C state channels, and back."""
+
+    def __init__(self, face_channels: int, state_size: int):
+        super().__init__()
+        self.lift = nn.Parameter(torch.randn(state_size, face_channels))
+        self.lift_bias = nn.Parameter(torch.zeros(state_size))
+        self.read = nn.Parameter(torch.randn(face_channels, state_size) / state_size**0.5)
+        self.read_bias = nn.Parameter(torch.zeros(face_channels))
+
+    def inject(self, face: torch.Tensor) -> torch.Tensor:
+        """``[B, F, H, W] -> [B, C, H, W]``."""
+        return torch.einsum("cf,bfhw->bchw", self.lift, face) + self.lift_bias.view(1, -1, 1, 1)
+
+    def readout(self, back: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, F, H, W]``."""
+        return torch.einsum("fc,bchw->bfhw", self.read, back) + self.read_bias.view(1, -1, 1, 1)
+
+
+class LatticeStudent(nn.Module):
+    """Maps ``[B, teacher_dim]`` to ``[B, teacher_dim]`` through a 3D lattice of identical cells."""
+
+    def __init__(self, config: Config, teacher_dim: int):
+        super().__init__()
+        lat = config.lattice
+        self.dims = lat.dims
+        self.steps = lat.steps
+        self.state_size = lat.state_size
+        self.inject_every_step = lat.inject == "every_step"
+        self.checkpointing = config.train.gradient_checkpointing
+        self.teacher_dim = teacher_dim
+        _, h, w = self.dims
+        self.transform = EmbeddingTransformer(config.transform, teacher_dim, (lat.face_channels, h, w))
+        self.face_io = FaceIO(lat.face_channels, lat.state_size)
+        self.processor = MoEProcessor(config.moe, lat)
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return self.processor.expert_names
+
+    def _step(self, state: torch.Tensor, drive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if drive is not None:  # add the lifted input to the front face only
+            state = torch.cat([state[:, :, :1] + drive.unsqueeze(2), state[:, :, 1:]], dim=2)
+        return self.processor.step(state)
+
+    def run_lattice(self, face_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``face_in [B, F, H, W]`` -> (final state, mean gates, mean |state|)."""
+        b = face_in.shape[0]
+        d, h, w = self.dims
+        state = face_in.new_zeros(b, self.state_size, d, h, w)
+        drive = self.face_io.inject(face_in)
+        num_experts = len(self.expert_names)
+        gate_sum = face_in.new_zeros(b, num_experts, d, h, w)
+        activity = face_in.new_zeros(())
+        for t in range(self.steps):
+            step_drive = drive if (t == 0 or self.inject_every_step) else None
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                state, gates = checkpoint(self._step, state, step_drive, use_reentrant=False)
+            else:
+                state, gates = self._step(state, step_drive)
+            gate_sum = gate_sum + gates
+            activity = activity + state.abs().mean()
+        if self.steps == 0:
+            return state, gate_sum + 1.0 / num_experts, activity
+        return state, gate_sum / self.steps, activity / self.steps
+
+    def forward(self, embedding: torch.Tensor) -> StudentOutput:
+        face_in = self.transform.to_face(embedding)
+        state, gates, activity = self.run_lattice(face_in)
+        face_out = self.face_io.readout(state[:, :, -1])
+        out = self.transform.from_face(face_out)
+        return StudentOutput(out, face_in, face_out, state, gates, activity)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per component: transform, face_io, gate, and each expert."""
+        counts = {
+            "transform": _count(self.transform),
+            "face_io": _count(self.face_io),
+            "gate": _count(self.processor.gate),
+        }
+        for name, expert in self.processor.experts.items():
+            counts[f"expert.{name}"] = _count(expert)
+        counts["total"] = _count(self)
+        return counts
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by learning-rate group: transform (incl. face I/O), gating, and one per expert."""
+        groups = {
+            "transform": list(self.transform.parameters()) + list(self.face_io.parameters()),
+            "gating": list(self.processor.gate.parameters()),
+        }
+        for name, expert in self.processor.experts.items():
+            groups[name] = list(expert.parameters())
+        return groups
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def build_model(config: Config, teacher_dim: int) -> LatticeStudent:
+    """The student for ``config``, seeded by ``train.seed`` (deterministic weights)."""
+    if config.teacher.embedding_dim and config.teacher.embedding_dim != teacher_dim:
+        raise ValueError(
+            f"teacher.embedding_dim={config.teacher.embedding_dim} but the teacher produces {teacher_dim}-D embeddings"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        return LatticeStudent(config, teacher_dim)
