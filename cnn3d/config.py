@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from .errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -48,7 +50,7 @@ __all__ = [
 EXPERT_NAMES = ("local", "functional", "distant")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message says what would be right."""
 
 
