@@ -144,9 +144,8 @@ class MoEConfig:
     """The mixture-of-experts connection processor shared by all cells."""
 
     experts: tuple[str, ...] = param(EXPERT_NAMES, "Experts in use, any of local, functional, distant.", tune=False)
-    local_hidden: int = param(32, "Hidden width of the local expert's per-cell MLP.", low=1, high=1024)
+    local_hidden: int = param(0, "Hidden width of an extra per-cell MLP in the local expert (0 = stencil only).", low=0, high=1024)
     functional_radius: int = param(2, "Reach of the functional expert along each axis (6*radius neighbours).", low=1, high=8)
-    functional_heads: int = param(2, "Attention heads of the functional expert (must divide lattice.state_size, else 1).", low=1, high=16)
     distant_links: int = param(4, "Fixed long-range links per cell for the distant expert.", low=1, high=64)
     distant_min_distance: int = param(2, "Chebyshev distance a distant link must at least span.", low=2, high=64)
     gating: Literal["softmax", "topk"] = param("softmax", "Gate weighting over experts.", choices=("softmax", "topk"))

@@ -50,6 +50,63 @@ def neighbour_stack(x: torch.Tensor, offsets: list[Offset], boundary: str) -> to
     )
 
 
+def _shifted_view(padded: torch.Tensor, offset: Offset, r: int, dims: tuple[int, int, int]) -> torch.Tensor:
+    dz, dy, dx = offset
+    d, h, w = dims
+    return padded[:, :, r + dz : r + dz + d, r + dy : r + dy + h, r + dx : r + dx + w]
+
+
+def _pad(x: torch.Tensor, r: int, boundary: str) -> torch.Tensor:
+    return F.pad(x, (r,) * 6, mode="circular" if boundary == "periodic" else "constant")
+
+
+class NeighbourMix(torch.autograd.Function):
+    """``out[p] = sum_k weights[k, p] * values[p + offsets[k]]`` with a hand-written backward.
+
+    Autograd through K shifted slices would allocate and zero a padded gradient per
+    slice; here the backward accumulates into one padded buffer instead.
+    """
+
+    @staticmethod
+    def forward(ctx, values, weights, offsets, boundary):  # values [B,C,D,H,W], weights [B,K,D,H,W]
+        r = max(max(abs(c) for c in o) for o in offsets)
+        dims = tuple(values.shape[-3:])
+        padded = _pad(values, r, boundary)
+        out = torch.zeros_like(values)
+        for k, offset in enumerate(offsets):
+            out.addcmul_(weights[:, k : k + 1], _shifted_view(padded, offset, r, dims))
+        ctx.save_for_backward(padded, weights)
+        ctx.meta = (offsets, boundary, r, dims, values.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weights = ctx.saved_tensors
+        offsets, boundary, r, dims, shape = ctx.meta
+        grad_weights = torch.empty_like(weights)
+        grad_padded = torch.zeros_like(padded)
+        for k, offset in enumerate(offsets):
+            view = _shifted_view(padded, offset, r, dims)
+            grad_weights[:, k] = (grad_out * view).sum(1)
+            _shifted_view(grad_padded, offset, r, dims).addcmul_(grad_out, weights[:, k : k + 1])
+        d, h, w = dims
+        grad_values = grad_padded[:, :, r : r + d, r : r + h, r : r + w]
+        if boundary == "periodic":  # fold the wrapped margins back onto the cells they copied
+            with torch.enable_grad():
+                probe = torch.zeros(shape, dtype=padded.dtype, device=padded.device, requires_grad=True)
+                (grad_values,) = torch.autograd.grad(_pad(probe, r, boundary), probe, grad_padded)
+        return grad_values.contiguous(memory_format=_memory_format(grad_out)), grad_weights, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous() else torch.contiguous_format
+
+
+def neighbour_mix(values: torch.Tensor, weights: torch.Tensor, offsets: list[Offset], boundary: str) -> torch.Tensor:
+    """Weighted sum of each cell's neighbours: ``values [B, C, D, H, W]``, ``weights [B, K, D, H, W]``."""
+    return NeighbourMix.apply(values, weights, offsets, boundary)
+
+
 def inside_mask(dims: tuple[int, int, int], offsets: list[Offset], boundary: str) -> torch.Tensor:
     """``[K, D, H, W]`` bool: whether neighbour k of each cell lies inside the lattice."""
     d, h, w = dims

@@ -80,7 +80,8 @@ class LatticeStudent(nn.Module):
         """``face_in [B, F, H, W]`` -> (final state, mean gates, mean |state|)."""
         b = face_in.shape[0]
         d, h, w = self.dims
-        state = face_in.new_zeros(b, self.state_size, d, h, w)
+        # channels-last: per-cell channel vectors contiguous, so pointwise maps are plain matmuls
+        state = face_in.new_zeros(b, self.state_size, d, h, w).contiguous(memory_format=torch.channels_last_3d)
         drive = self.face_io.inject(face_in)
         num_experts = len(self.expert_names)
         gate_sum = face_in.new_zeros(b, num_experts, d, h, w)

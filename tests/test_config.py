@@ -1,0 +1,138 @@
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from cnn3d.config import (
+    Config,
+    ConfigError,
+    field_spec,
+    field_specs,
+    flatten,
+    load_config,
+    parse_assignments,
+    preset,
+    save_config,
+    unflatten,
+    with_overrides,
+)
+
+
+def test_with_overrides_returns_new_validated_config_and_coerces_strings():
+    base = Config()
+    new = with_overrides(base, {"transform.dropout": "0.2", "lattice.size": "12", "transform.layer_norm": "false"})
+    assert new.transform.dropout == 0.2 and isinstance(new.transform.dropout, float)
+    assert new.lattice.size == 12 and isinstance(new.lattice.size, int)
+    assert new.transform.layer_norm is False
+    assert base.lattice.size == 8 and base.transform.dropout == 0.0  # the original is untouched
+
+
+def test_tuple_fields_coerce_from_comma_separated_strings():
+    cfg = with_overrides(Config(), {"moe.experts": "local,distant", "transform.hidden_sizes": "256, 512"})
+    assert cfg.moe.experts == ("local", "distant")
+    assert cfg.transform.hidden_sizes == (256, 512)
+
+
+def test_unknown_key_suggests_closest_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'transform\.dropuot'.*transform\.dropout"):
+        with_overrides(Config(), {"transform.dropuot": 0.1})
+    with pytest.raises(ConfigError, match=r"did you mean.*transform\.dropout"):
+        with_overrides(Config(), {"dropout": 0.1})
+
+
+def test_out_of_range_value_names_field_value_and_range():
+    with pytest.raises(ConfigError, match=r"transform\.dropout=0\.9 is out of range \[0\.0, 0\.5\]"):
+        with_overrides(Config(), {"transform.dropout": 0.9})
+    with pytest.raises(ConfigError, match=r"transform\.kind='conv' is not one of linear, hierarchical"):
+        with_overrides(Config(), {"transform.kind": "conv"})
+    with pytest.raises(ConfigError, match=r"lattice\.size='big' is not an integer"):
+        with_overrides(Config(), {"lattice.size": "big"})
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing='maybe' is not true or false"):
+        with_overrides(Config(), {"train.gradient_checkpointing": "maybe"})
+
+
+def test_cross_field_rules_are_checked():
+    with pytest.raises(ConfigError, match="moe.experts"):
+        with_overrides(Config(), {"moe.experts": "local,teleport"})
+    with pytest.raises(ConfigError, match="top_k"):
+        with_overrides(Config(), {"moe.experts": "local", "moe.gating": "topk", "moe.top_k": 2})
+    with pytest.raises(ConfigError, match="curriculum_end_difficulty"):
+        with_overrides(Config(), {"train.curriculum_start_difficulty": 0.8, "train.curriculum_end_difficulty": 0.5})
+
+
+def test_flatten_and_unflatten_round_trip_exactly():
+    cfg = with_overrides(preset("full"), {"moe.experts": "functional,distant", "train.lr": 1e-4})
+    flat = flatten(cfg)
+    assert set(flat) == set(field_specs())
+    assert unflatten(flat) == cfg
+    assert flatten(unflatten(flat)) == flat
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_save_and_load_round_trip(tmp_path, suffix):
+    cfg = with_overrides(preset("wide"), {"transform.hidden_sizes": "64,128", "loss.triplet": 0.5})
+    path = save_config(cfg, tmp_path / f"config{suffix}")
+    assert load_config(path) == cfg
+
+
+def test_load_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "bad.json" in str(err.value) and "\n" not in str(err.value)
+    bad.write_text(json.dumps({"lattice": {"sise": 4}}))
+    with pytest.raises(ConfigError, match="lattice.size"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_presets():
+    test, full, wide = preset("test"), preset("full"), preset("wide")
+    assert test.lattice.dims == (8, 8, 8) and test.lattice.face_numbers == 64
+    assert full.lattice.dims == (37, 37, 37) and full.lattice.face_numbers == 1369
+    assert full.train.gradient_checkpointing
+    assert wide.lattice.dims == (8, 16, 16) and wide.lattice.face_numbers == 256
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of test"):
+        preset("huge")
+
+
+def test_non_cubic_dims():
+    cfg = with_overrides(Config(), {"lattice.size": 6, "lattice.depth": 10, "lattice.width": 4})
+    assert cfg.lattice.dims == (10, 6, 4)
+    assert cfg.lattice.num_cells == 240
+
+
+def test_every_field_has_doc_and_tunable_numbers_have_ranges():
+    for key, spec in field_specs().items():
+        assert spec.doc, key
+        if spec.kind in ("int", "float") and spec.tune:
+            assert spec.low is not None and spec.high is not None, key
+    assert field_spec("train.lr").log is True
+    assert field_spec("transform.kind").choices == ("linear", "hierarchical", "attention", "autoencoder")
+
+
+def test_config_is_immutable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().lattice.size = 3  # type: ignore[misc]
+
+
+def test_parse_assignments():
+    assert parse_assignments(["a.b=1", "c.d = x=y"]) == {"a.b": "1", "c.d": "x=y"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignments(["novalue"])
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import logging, torch; before = (list(logging.getLogger().handlers), torch.get_num_threads());"
+        "import cnn3d, cnn3d.model, cnn3d.config;"
+        "assert (list(logging.getLogger().handlers), torch.get_num_threads()) == before;"
+        "assert logging.getLogger().level == logging.WARNING"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert logging.getLogger("cnn3d").handlers == []
