@@ -97,7 +97,7 @@ class Corpus:
 
 
 def _package_lines(name: str) -> list[str]:
-    text = resources.files("cnn3d").joinpath("corpus", name).read_text(encoding="utf-8")
+    text = resources.files("cnn3d").joinpath("corpus").joinpath(name).read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 
 
@@ -244,7 +244,9 @@ def read_corpus_texts(corpus: str, text_column: str = "text") -> tuple[list[str]
 # --------------------------------------------------------------------------- cleaning & split
 
 
-def clean_sentences(texts: Iterable[str], min_words: int = 1, max_words: int = 10_000, max_sentences: int = 0) -> list[str]:
+def clean_sentences(
+    texts: Iterable[str], min_words: int = 1, max_words: int = 10_000, max_sentences: int = 0
+) -> list[str]:
     """Normalise whitespace, drop empties and repeats (first kept), filter by word count, cap at ``max_sentences``."""
     seen: set[str] = set()
     out: list[str] = []

@@ -263,7 +263,7 @@ def _one(rng: random.Random) -> SyntheticSentence:
     text, clauses = b.sentence(extra)
     words = len(text.split())
     share = b.rare / b.content if b.content else 0.0
-    return SyntheticSentence(text, sentence_difficulty(clauses, words, share), clauses, words, round(share, 6))
+    return SyntheticSentence(text, sentence_difficulty(clauses, words, share), clauses, words, share)
 
 
 def generate_examples(n: int, seed: int = 0, *, max_attempts: int | None = None) -> list[SyntheticSentence]:

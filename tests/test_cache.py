@@ -301,6 +301,7 @@ Path(out).write_text(json.dumps({"computed": cache.stats.computed, "hits": cache
 """
 
 
+@pytest.mark.slow
 def test_two_processes_fill_one_cache(tmp_path: Path, tiny_dir: str) -> None:
     texts = sentences(120)
     parts = [texts[:80], texts[40:]]  # 40 sentences wanted by both

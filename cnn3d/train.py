@@ -1,0 +1,434 @@
+"""The trainer: ``train(config, device=...) -> TrainResult``.
+
+Safe to call many times in one process (each call builds its own model, optimiser,
+data and RNG; the global torch RNG is forked, not consumed). After every epoch each
+callback receives an ``EpochReport`` with the metrics of ``cnn3d.metrics``; a
+callback may raise to stop the run (the tuner raises ``optuna.TrialPruned``).
+
+Phases, in order: warm-up (synthetic sentences when ``train.warmup_synthetic``), main
+(with the curriculum when ``train.curriculum``), fine-tune (a tenth of the learning
+rate). The teacher is frozen and only used to fill the embedding cache up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .cache import EmbeddingCache, embed_with_cache
+from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
+from .config import Config, flatten
+from .data import builtin_sentences, curriculum_fraction, curriculum_subset, load_corpus
+from .decode import PhraseBank, build_bank
+from .device import autocast, autocast_dtype, resolve_device
+from .errors import UserError
+from .losses import total_loss
+from .model import LatticeStudent, build_model
+from .synthetic import generate_sentences
+from .teacher import load_teacher
+
+logger = logging.getLogger(__name__)
+
+FINE_TUNE_LR_FACTOR = 0.1
+EMERGENCE_SAMPLES = 512  # validation samples used for the O(N^2)/SVD emergence metrics
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; training stopped instead of continuing on garbage."""
+
+
+@dataclass
+class EpochReport:
+    """What callbacks receive after every epoch."""
+
+    epoch: int  # 1-based, across all phases
+    total_epochs: int
+    phase: str  # warmup | main | fine_tune
+    metrics: dict[str, float]
+    examples: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # the last epoch's
+    history: list[dict[str, float]]
+    examples: list[dict]
+    config: Config
+    model: LatticeStudent
+    seconds: float
+    checkpoint: Path | None = None
+
+
+@dataclass
+class TrainingData:
+    """Teacher embeddings for every split, plus what validation needs."""
+
+    train_texts: list[str]
+    train: torch.Tensor  # [N, T]
+    val_texts: list[str]
+    val: torch.Tensor  # [M, T]
+    difficulty: torch.Tensor  # [N] in [0, 1]
+    warmup_texts: list[str]
+    warmup: torch.Tensor  # [W, T]
+    bank: PhraseBank
+    cache_metrics: dict[str, float]
+
+    @property
+    def teacher_dim(self) -> int:
+        return self.train.shape[1]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(config: Config, device: torch.device, progress: bool = False) -> TrainingData:
+    """Load the corpus, embed every sentence once (through the cache) and build the phrase bank."""
+    corpus = load_corpus(config.data, min_sentences=config.train.batch_size, seed=config.train.seed)
+    warmup_texts: list[str] = []
+    if config.train.warmup_epochs and config.train.warmup_synthetic:
+        warmup_texts = [text for text, _ in generate_sentences(config.data.synthetic_sentences, config.train.seed)]
+    extra_bank = _read_bank_file(config.data.decode_bank)
+    bank_texts = list(dict.fromkeys(corpus.validation + builtin_sentences() + extra_bank))
+    everything = list(dict.fromkeys(corpus.train + corpus.validation + warmup_texts + bank_texts))
+    teacher = load_teacher(config.teacher, device)
+    cache = EmbeddingCache.from_config(config.data)
+    vectors = embed_with_cache(teacher, everything, cache, progress=progress)
+    row = {text: i for i, text in enumerate(everything)}
+
+    def take(texts: list[str]) -> torch.Tensor:
+        return vectors[[row[t] for t in texts]] if texts else vectors.new_zeros(0, vectors.shape[1])
+
+    cache_metrics = cache.stats.as_metrics() if cache is not None else {"cache_hit_rate": 0.0}
+    return TrainingData(
+        train_texts=corpus.train,
+        train=take(corpus.train),
+        val_texts=corpus.validation,
+        val=take(corpus.validation),
+        difficulty=torch.tensor(corpus.difficulty(corpus.train), dtype=torch.float32),
+        warmup_texts=warmup_texts,
+        warmup=take(warmup_texts),
+        bank=build_bank(bank_texts, take(bank_texts)),
+        cache_metrics=cache_metrics,
+    )
+
+
+def _read_bank_file(path: str) -> list[str]:
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"data.decode_bank={path} does not exist; give a text file with one phrase per line")
+    return [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: LatticeStudent, config: Config) -> torch.optim.AdamW:
+    """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``."""
+    t = config.train
+    mult = {
+        "transform": t.lr_mult_transform,
+        "gating": t.lr_mult_gating,
+        "local": t.lr_mult_local,
+        "functional": t.lr_mult_functional,
+        "distant": t.lr_mult_distant,
+    }
+    groups = []
+    for name, params in model.parameter_groups().items():
+        if name == "transform" and t.freeze_transforms:
+            for p in params:
+                p.requires_grad_(False)
+            continue
+        groups.append({"params": params, "lr": t.lr * mult[name], "name": name})
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of every group's base lr: linear warm-up, then cosine/linear decay to 10% or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - 0.9 * progress
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_plan(config: Config) -> list[str]:
+    t = config.train
+    return ["warmup"] * t.warmup_epochs + ["main"] * t.main_epochs + ["fine_tune"] * t.fine_tune_epochs
+
+
+def epoch_texts(data: TrainingData, config: Config, phase: str, main_index: int) -> torch.Tensor:
+    """Row indices into ``data.train`` (or ``data.warmup``) used in this epoch."""
+    t = config.train
+    if phase == "warmup" and data.warmup_texts:
+        return torch.arange(len(data.warmup_texts))
+    if phase == "main" and t.curriculum:
+        fraction = curriculum_fraction(
+            main_index, t.main_epochs, t.curriculum_start_difficulty, t.curriculum_end_difficulty
+        )
+        keep = max(t.batch_size, math.ceil(fraction * len(data.train_texts)))
+        return data.difficulty.argsort(stable=True)[:keep].sort().values
+    return torch.arange(len(data.train_texts))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: torch.device, dtype) -> dict:
+    """Validation metrics, baselines computed on the same split, and emergence metrics."""
+    model.eval()
+    outs, faces_in, faces_out, backs, gates, states = [], [], [], [], [], []
+    parts: dict[str, float] = {}
+    total = 0.0
+    batches = 0
+    for start in range(0, len(data.val_texts), config.train.batch_size):
+        target = data.val[start : start + config.train.batch_size].to(device)
+        with autocast(device, dtype):
+            out = model(target)
+        pred = out.embedding.float()
+        loss, comps = total_loss(config.loss, pred, target, out.activity.float(), out.gates.float())
+        total += loss.item()
+        batches += 1
+        for k, v in comps.items():
+            parts[k] = parts.get(k, 0.0) + v.item()
+        outs.append(pred.cpu())
+        faces_in.append(out.face_in.float().flatten(1).cpu())
+        faces_out.append(out.face_out.float().flatten(1).cpu())
+        backs.append(out.state[:, :, -1].float().flatten(1).cpu())
+        gates.append(out.gates.float().cpu())
+        if sum(s.shape[0] for s in states) < EMERGENCE_SAMPLES:
+            states.append(out.state.float().cpu())
+    pred = torch.cat(outs)
+    result = {
+        "val_loss": total / batches,
+        "val_mse": torch.nn.functional.mse_loss(pred, data.val).item(),
+        "val_cosine": M.mean_cosine(pred, data.val),
+        **{f"val_{k}": v / batches for k, v in parts.items()},
+    }
+    result["decode_top1"], result["decode_top5"] = data.bank.accuracy(pred, data.val_texts, k=5)
+    result.update(emergence_metrics(model, pred, data.val, faces_in, faces_out, backs, gates, states))
+    examples = [e.as_dict() for e in data.bank.examples(pred, data.val_texts, n=8)]
+    return {"metrics": result, "examples": examples}
+
+
+def emergence_metrics(model, pred, teacher, faces_in, faces_out, backs, gates, states) -> dict[str, float]:
+    n = EMERGENCE_SAMPLES
+    front, back_face = torch.cat(faces_in)[:n], torch.cat(faces_out)[:n]
+    back_states = torch.cat(backs)[:n]
+    gate = torch.cat(gates)  # [N, E, D, H, W]
+    state = torch.cat(states)[:n]  # [n, C, D, H, W]
+    usage = gate.mean(dim=(0, 2, 3, 4))
+    cell_response = state.abs().mean(1).flatten(1)  # [n, cells]
+    result = {
+        "effective_dim": M.effective_dim(back_states),
+        "mutual_info_front_back": M.mutual_info_gaussian(front, back_face),
+        "cell_specialization": M.cell_specialization(cell_response),
+        "expert_usage_entropy": M.usage_entropy(usage),
+        "embedding_norm_mean": pred.norm(dim=1).mean().item(),
+        "embedding_norm_std": pred.norm(dim=1).std().item() if pred.shape[0] > 1 else 0.0,
+        "activation_sparsity": M.activation_sparsity(state),
+        "rsa_teacher": M.rsa(pred[:n], teacher[:n]),
+    }
+    for name, share in zip(model.expert_names, usage.tolist()):
+        result[f"expert_usage_{name}"] = share
+    return result
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _peak_rss_mb(current: float) -> float:
+    return max(current, psutil.Process().memory_info().rss / 2**20)
+
+
+def _memory_metric(device: torch.device, cpu_peak: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return cpu_peak
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def train(
+    config: Config,
+    *,
+    device: torch.device | None = None,
+    callbacks: Sequence[Callable[[EpochReport], None]] = (),
+    out_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    progress: bool | None = None,
+    data: TrainingData | None = None,
+) -> TrainResult:
+    """Train a student for ``config``; returns the final metrics, history and model.
+
+    ``device`` defaults to ``resolve_device(config.train.device)``. ``progress``:
+    None shows a bar only on a terminal. ``out_dir`` receives a checkpoint after
+    every epoch; ``resume_from`` continues from one (weights, optimiser, epoch).
+    ``data`` may be passed to reuse prepared embeddings across calls.
+    """
+    device = device or resolve_device(config.train.device)
+    show = _show_progress(progress)
+    previous_threads = torch.get_num_threads()
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats in deep recurrences slow CPU kernels many-fold
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.train.seed)
+            return _train(config, device, callbacks, out_dir, resume_from, show, data)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(config, device, callbacks, out_dir, resume_from, show, data) -> TrainResult:
+    started = time.perf_counter()
+    data = data or prepare_data(config, device, progress=show)
+    model = build_model(config, data.teacher_dim).to(device)
+    optimizer = build_optimizer(model, config)
+    plan = epoch_plan(config)
+    first_epoch, step = 0, 0
+    if resume_from is not None:
+        first_epoch, step = _resume(resume_from, config, model, optimizer, device)
+    dtype = autocast_dtype(config.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    batch, accum = config.train.batch_size, config.train.grad_accum_steps
+    steps_per_epoch = [math.ceil(len(epoch_texts(data, config, p, i)) / (batch * accum)) for i, p in enumerate(plan)]
+    total_steps = sum(steps_per_epoch)
+    warmup_steps = max(1, total_steps // 20)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu_peak = _peak_rss_mb(0.0)
+    history: list[dict[str, float]] = []
+    examples: list[dict] = []
+    cells_per_sample = model.dims[0] * model.dims[1] * model.dims[2] * model.steps
+    main_index = {e: plan[:e].count("main") for e in range(len(plan))}
+    for epoch in range(len(plan)):
+        phase = plan[epoch]
+        rows = epoch_texts(data, config, phase, main_index[epoch])
+        source = data.warmup if phase == "warmup" and data.warmup_texts else data.train
+        if epoch < first_epoch:  # resumed: replay the shuffles so data order stays identical
+            torch.randperm(len(rows), generator=generator)
+            continue
+        lr_scale = FINE_TUNE_LR_FACTOR if phase == "fine_tune" else 1.0
+        epoch_start = time.perf_counter()
+        model.train()
+        order = rows[torch.randperm(len(rows), generator=generator)]
+        train_loss, seen = 0.0, 0
+        bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{len(plan)} {phase}", disable=not show, leave=False)
+        micro = [order[i : i + batch] for i in range(0, len(order), batch)]
+        for i, idx in enumerate(micro):
+            target = source[idx].to(device, non_blocking=True)
+            with autocast(device, dtype):
+                out = model(target)
+            loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1} "
+                    f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
+                )
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+            if (i + 1) % accum == 0 or i + 1 == len(micro):
+                _optimizer_step(model, optimizer, scaler, config, lr_scale * lr_factor(step, total_steps, config.train.scheduler, warmup_steps))
+                step += 1
+            train_loss += loss.item() * len(idx)
+            seen += len(idx)
+            cpu_peak = _peak_rss_mb(cpu_peak)
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        train_seconds = time.perf_counter() - epoch_start
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_sentences": float(seen),
+            "throughput_samples_per_s": seen / train_seconds,
+            "cell_steps_per_s": seen * cells_per_sample / train_seconds,
+            **data.cache_metrics,
+        }
+        last = epoch == len(plan) - 1
+        if last or (epoch + 1) % config.train.eval_every == 0:
+            evaluation = evaluate(model, data, config, device, dtype)
+            metrics.update(evaluation["metrics"])
+            examples = evaluation["examples"]
+            metrics.update(baselines(data, config))
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+        metrics["peak_memory_mb"] = _memory_metric(device, cpu_peak)
+        history.append(metrics)
+        _log_epoch(metrics, phase, len(plan))
+        if out_dir is not None:
+            meta = {"teacher_dim": data.teacher_dim, "epochs_done": epoch + 1, "step": step, "metrics": metrics}
+            save_checkpoint(out_dir, model, config, meta, optimizer)
+        report = EpochReport(epoch + 1, len(plan), phase, metrics, examples)
+        for callback in callbacks:
+            callback(report)
+    final = history[-1] if history else {}
+    return TrainResult(final, history, examples, config, model, time.perf_counter() - started, Path(out_dir) if out_dir else None)
+
+
+def _optimizer_step(model, optimizer, scaler, config: Config, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+    if scaler:
+        scaler.unscale_(optimizer)
+    if config.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.train.grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+
+def baselines(data: TrainingData, config: Config) -> dict[str, float]:
+    """In-run baselines on the same split: PCA through the face's numbers, and the mean vector."""
+    k = config.lattice.face_numbers
+    return {
+        "baseline_pca_cosine": M.baseline_pca_cosine(data.train, data.val, k),
+        "baseline_mean_cosine": M.baseline_mean_cosine(data.train, data.val),
+        "face_numbers": float(k),
+    }
+
+
+def _resume(folder, config: Config, model, optimizer, device) -> tuple[int, int]:
+    saved_config, meta = read_checkpoint_meta(folder)
+    if flatten(saved_config) != flatten(config):
+        differing = sorted(k for k, v in flatten(config).items() if flatten(saved_config)[k] != v)
+        logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
+    load_weights(folder, model, device)
+    load_optimizer(folder, optimizer, device)
+    return int(meta.get("epochs_done", 0)), int(meta.get("step", 0))
+
+
+def _log_epoch(metrics: dict[str, Any], phase: str, total: int) -> None:
+    if "val_cosine" in metrics:
+        logger.info(
+            "epoch %d/%d %s: train_loss=%.4f val_cosine=%.4f (pca %.4f, mean %.4f) decode_top1=%.3f %.0f samples/s",
+            metrics["epoch"], total, phase, metrics["train_loss"], metrics["val_cosine"],
+            metrics["baseline_pca_cosine"], metrics["baseline_mean_cosine"], metrics["decode_top1"],
+            metrics["throughput_samples_per_s"],
+        )
+    else:
+        logger.info("epoch %d/%d %s: train_loss=%.4f", metrics["epoch"], total, phase, metrics["train_loss"])
