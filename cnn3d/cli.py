@@ -1,4 +1,4 @@
-"""Command-line entry points (click). ``cnn3d-cache`` lives here; ``train``/``decode`` join later.
+"""Command-line entry points (click): ``cnn3d-train``, ``cnn3d-decode`` and ``cnn3d-cache``.
 
 Shared pieces for every command: ``CliGroup`` (usage errors as one line, exit 2), ``run_cli`` (a ``UserError``
 becomes ``error: <message>`` on stderr and exit 2, never a traceback), ``setup_logging`` and ``config_options``
@@ -17,7 +17,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .config import Config, DataConfig, load_config, parse_assignments, with_overrides
+from .config import PRESETS, Config, DataConfig, load_config, parse_assignments, preset, with_overrides
+from .device import resolve_device
 from .errors import UserError
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "cache_main",
     "config_options",
     "load_texts",
-    "resolve_device",
     "run_cli",
     "setup_logging",
 ]
@@ -108,82 +108,21 @@ def config_options(fn: F) -> F:
     return fn
 
 
-def build_config(config_path: str | None, assignments: Iterable[str], extra: dict[str, Any] | None = None) -> Config:
-    """Config from an optional file, then ``--set`` assignments, then ``extra`` dotted overrides (CLI options)."""
-    config = load_config(config_path) if config_path else Config()
+def build_config(
+    config_path: str | None, assignments: Iterable[str], extra: dict[str, Any] | None = None, preset_name: str | None = None
+) -> Config:
+    """Config from a preset or file, then ``--set`` assignments, then ``extra`` dotted overrides (CLI options)."""
+    base = preset(preset_name) if preset_name else Config()
+    config = load_config(config_path, base) if config_path else base
     config = with_overrides(config, parse_assignments(assignments))
     return with_overrides(config, extra or {})
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> cuda, then mps, then cpu; an explicit device that is not available is a ``UserError``."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = bool(mps and mps.is_available())
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but CUDA is not available here; use train.device=auto or cpu")
-    if name == "mps" and not mps_ok:
-        raise UserError("train.device=mps but MPS is not available here; use train.device=auto or cpu")
-    return name
-
-
 def load_texts(data: DataConfig) -> list[str]:
-    """Sentences of ``data.corpus``: via ``cnn3d.data.load_corpus`` when present, else builtin or a .txt file."""
-    loader = _corpus_loader()
-    if loader is not None:
-        return _as_texts(loader(data), data.corpus)
-    return _read_corpus_fallback(data)
+    """All sentences (train and validation) of ``data.corpus``."""
+    from .data import load_corpus
 
-
-def _corpus_loader() -> Callable[[DataConfig], Any] | None:
-    try:
-        from . import data as data_module
-    except ModuleNotFoundError as exc:
-        if exc.name in ("cnn3d.data", f"{__package__}.data"):
-            return None
-        raise
-    return getattr(data_module, "load_corpus", None)
-
-
-def _as_texts(corpus: Any, name: str) -> list[str]:
-    """Accept what a corpus loader may return: a list of strings, an object with texts, or train/val splits."""
-    if isinstance(corpus, str):
-        raise UserError(f"corpus {name!r} loaded as one string, expected sentences")
-    for attr in ("texts", "sentences"):
-        if hasattr(corpus, attr):
-            value = getattr(corpus, attr)
-            return _as_texts(value() if callable(value) else value, name)
-    if hasattr(corpus, "train"):
-        parts = [getattr(corpus, a) for a in ("train", "validation", "val", "test") if hasattr(corpus, a)]
-        return [t for part in parts for t in _as_texts(part, name)]
-    try:
-        texts = list(corpus)
-    except TypeError:
-        raise UserError(f"corpus {name!r}: cannot read sentences from a {type(corpus).__name__}") from None
-    if not all(isinstance(t, str) for t in texts):
-        raise UserError(f"corpus {name!r}: expected sentences (strings)")
-    return texts
-
-
-def _read_corpus_fallback(data: DataConfig) -> list[str]:
-    from importlib import resources
-    from pathlib import Path
-
-    if data.corpus == "builtin":
-        resource = resources.files("cnn3d").joinpath("corpus/builtin.txt")
-        if not resource.is_file():
-            raise UserError("data.corpus=builtin but this install has no cnn3d/corpus/builtin.txt; give a .txt file")
-        text = resource.read_text(encoding="utf-8")
-    else:
-        path = Path(data.corpus).expanduser()
-        if path.suffix != ".txt" or not path.is_file():
-            raise UserError(f"data.corpus={data.corpus!r}: give 'builtin' or an existing .txt file (one sentence a line)")
-        text = path.read_text(encoding="utf-8")
-    texts = [line.strip() for line in text.splitlines() if line.strip()]
-    return texts[: data.max_sentences] if data.max_sentences else texts
+    return load_corpus(data).sentences
 
 
 # --------------------------------------------------------------------------- cnn3d-cache
@@ -280,3 +219,118 @@ def cache_clear(config_path: str | None, assignments: tuple[str, ...], cache_dir
     cache = EmbeddingCache(cfg.data.cache_dir, cfg.data.max_cache_size_gb, cfg.data.cache_dtype)
     freed = cache.clear()
     click.echo(f"cleared {_human(freed)} from {cache.cache_dir}")
+
+
+# --------------------------------------------------------------------------- cnn3d-train
+
+
+def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, examples: list[dict]) -> None:
+    import json
+    from pathlib import Path
+
+    from .config import flatten
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**metrics, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()},
+               "examples": examples}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="test", show_default=True,
+              help="Starting configuration: test (8^3), wide (16x16 face) or full (37^3).")
+@click.option("--corpus", default=None, help="Shorthand for --set data.corpus=... ('builtin', a file, a folder).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Checkpoint folder (weights, config.json, meta.json), written after every epoch.")
+@click.option("--resume", "resume_from", default=None, type=click.Path(file_okay=False),
+              help="Continue from a checkpoint folder written by --out.")
+@click.option("--metrics-json", default=None, type=click.Path(dir_okay=False),
+              help="Write the final epoch's metrics and the flattened config to this JSON file.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@click.option("--list-keys", is_flag=True, help="List every config key with its default and range, then exit.")
+@config_options
+@run_cli
+def train_cli(preset_name, corpus, out_dir, resume_from, metrics_json, progress, list_keys, config_path,
+              assignments, log_level) -> None:
+    """Train the lattice student against the teacher and report quality beside in-run baselines."""
+    if list_keys:
+        _print_keys()
+        return
+    setup_logging(log_level)
+    from .train import NonFiniteLoss, train
+
+    config = build_config(config_path, assignments, {"data.corpus": corpus} if corpus else {}, preset_name)
+    try:
+        result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress)
+    except NonFiniteLoss as exc:
+        fail(str(exc), 1)
+    m = result.metrics
+    click.echo(
+        f"val_cosine {m['val_cosine']:.4f} (baselines: pca {m['baseline_pca_cosine']:.4f}, mean "
+        f"{m['baseline_mean_cosine']:.4f}; {m['val_cosine'] / m['baseline_pca_cosine']:.1%} of pca) | "
+        f"val_mse {m['val_mse']:.5f} | decode top1 {m['decode_top1']:.3f} top5 {m['decode_top5']:.3f} | "
+        f"{m['throughput_samples_per_s']:.0f} samples/s | {result.seconds:.0f} s"
+    )
+    if metrics_json:
+        _write_metrics_json(metrics_json, m, config, result.examples)
+    if out_dir:
+        click.echo(f"checkpoint: {out_dir}")
+
+
+def _print_keys() -> None:
+    from .config import field_specs
+
+    for key, spec in field_specs().items():
+        allowed = (
+            "|".join(map(str, spec.choices)) if spec.choices
+            else f"[{spec.low}, {spec.high}]{' log' if spec.log else ''}" if spec.low is not None else spec.kind
+        )
+        click.echo(f"{key:36} {spec.default!s:24} {allowed:28} {spec.doc}")
+
+
+def train_main() -> None:
+    """Entry point of ``cnn3d-train``."""
+    _standalone(train_cli)
+
+
+# --------------------------------------------------------------------------- cnn3d-decode
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(file_okay=False),
+              help="A folder written by cnn3d-train --out.")
+@click.option("--bank", default=None, type=click.Path(dir_okay=False),
+              help="Extra phrases (one per line) for the decoder's bank, beside validation and built-in sentences.")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(1, 20), help="Candidates shown per text.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning")
+@click.argument("texts", nargs=-1, required=True)
+@run_cli
+def decode_cli(checkpoint_dir, bank, top, log_level, texts) -> None:
+    """Print what the trained student's output for each TEXT decodes to (nearest bank phrases by cosine)."""
+    setup_logging(log_level)
+    from .decode import decode_with_checkpoint
+
+    for result in decode_with_checkpoint(checkpoint_dir, list(texts), bank, top):
+        click.echo(f"{result.text}  (student vs teacher cosine {result.fidelity:.3f})")
+        for phrase, score in result.candidates:
+            click.echo(f"  {score:.3f}  {phrase}")
+
+
+def decode_main() -> None:
+    """Entry point of ``cnn3d-decode``."""
+    _standalone(decode_cli)
+
+
+def _standalone(command: click.Command) -> None:
+    """Run a click command with usage errors reported as one line and exit code 2."""
+    try:
+        command.main(standalone_mode=False)
+    except click.UsageError as exc:
+        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("aborted", 130)
+    except UserError as exc:
+        fail(str(exc), exc.exit_code)

@@ -17,9 +17,10 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .errors import UserError
 
@@ -370,9 +371,9 @@ def check_value(spec: FieldSpec, value: Any) -> None:
     """Raise ``ConfigError`` naming the field, the value and what is allowed."""
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"{spec.key}={value!r} is not one of {', '.join(map(str, spec.choices))}")
-    if spec.type in (int, float) and not isinstance(value, bool):
-        if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
-            raise ConfigError(f"{spec.key}={value!r} is out of range [{spec.low}, {spec.high}]")
+    numeric = spec.type in (int, float) and not isinstance(value, bool)
+    if numeric and (spec.low is not None and value < spec.low or spec.high is not None and value > spec.high):
+        raise ConfigError(f"{spec.key}={value!r} is out of range [{spec.low}, {spec.high}]")
 
 
 def validate(config: Config) -> None:

@@ -67,3 +67,48 @@ def build_bank(texts: list[str], embeddings: torch.Tensor) -> PhraseBank:
         seen.setdefault(t, i)
     rows = list(seen.values())
     return PhraseBank(list(seen), embeddings[rows])
+
+
+@dataclass
+class Decoding:
+    """What a trained student's output for ``text`` decodes to."""
+
+    text: str
+    candidates: list[tuple[str, float]]  # (bank phrase, cosine), best first
+    fidelity: float  # cosine of the student output to the teacher's own embedding of ``text``
+
+
+def decode_with_checkpoint(checkpoint: str, texts: list[str], bank_file: str | None = None, top: int = 3) -> list[Decoding]:
+    """Load a checkpoint and its teacher, and decode ``texts`` against the validation + built-in + extra bank."""
+    from .cache import EmbeddingCache, embed_with_cache
+    from .checkpoint import load_weights, read_checkpoint_meta
+    from .config import with_overrides
+    from .data import builtin_sentences, load_corpus
+    from .device import resolve_device
+    from .model import build_model
+    from .teacher import load_teacher
+
+    config, meta = read_checkpoint_meta(checkpoint)
+    if bank_file:
+        config = with_overrides(config, {"data.decode_bank": bank_file})
+    device = resolve_device(config.train.device)
+    teacher = load_teacher(config.teacher, device)
+    cache = EmbeddingCache.from_config(config.data)
+    extra = []
+    if config.data.decode_bank:
+        from .train import _read_bank_file
+
+        extra = _read_bank_file(config.data.decode_bank)
+    bank_texts = list(dict.fromkeys(load_corpus(config.data).validation + builtin_sentences() + extra + texts))
+    bank = build_bank(bank_texts, embed_with_cache(teacher, bank_texts, cache))
+    model = build_model(config, int(meta["teacher_dim"])).to(device).eval()
+    load_weights(checkpoint, model, device)
+    targets = embed_with_cache(teacher, texts, cache).to(device)
+    with torch.no_grad():
+        outputs = model(targets).embedding.float().cpu()
+    scores, idx = bank.search(outputs, k=top)
+    fidelity = F.cosine_similarity(outputs, targets.cpu(), dim=-1)
+    return [
+        Decoding(text, [(bank.texts[i], s) for i, s in zip(row_idx.tolist(), row_scores.tolist())], fid.item())
+        for text, row_idx, row_scores, fid in zip(texts, idx, scores, fidelity)
+    ]

@@ -29,7 +29,7 @@ from . import metrics as M
 from .cache import EmbeddingCache, embed_with_cache
 from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
 from .config import Config, flatten
-from .data import builtin_sentences, curriculum_fraction, curriculum_subset, load_corpus
+from .data import builtin_sentences, curriculum_fraction, load_corpus
 from .decode import PhraseBank, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .errors import UserError

@@ -3,7 +3,7 @@ import torch
 
 from cnn3d import build_model, preset, with_overrides
 from cnn3d.config import Config
-from cnn3d.lattice import axial_offsets, chebyshev, cell_coords, neighbour_mix, neighbour_stack, stencil_offsets
+from cnn3d.lattice import axial_offsets, cell_coords, chebyshev, neighbour_mix, neighbour_stack, stencil_offsets
 
 TEACHER_DIM = 48
 
