@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Libraries that log a lot at INFO; a CLI's --log-level info is about our own progress.
-_CHATTY = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "httpcore")
+_CHATTY = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "httpcore", "mlflow", "alembic", "optuna")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -291,7 +291,7 @@ def _print_keys() -> None:
 
 def train_main() -> None:
     """Entry point of ``cnn3d-train``."""
-    _standalone(train_cli)
+    standalone(train_cli)
 
 
 # --------------------------------------------------------------------------- cnn3d-decode
@@ -319,10 +319,10 @@ def decode_cli(checkpoint_dir, bank, top, log_level, texts) -> None:
 
 def decode_main() -> None:
     """Entry point of ``cnn3d-decode``."""
-    _standalone(decode_cli)
+    standalone(decode_cli)
 
 
-def _standalone(command: click.Command) -> None:
+def standalone(command: click.Command) -> None:
     """Run a click command with usage errors reported as one line and exit code 2."""
     try:
         command.main(standalone_mode=False)

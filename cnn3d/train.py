@@ -44,6 +44,22 @@ FINE_TUNE_LR_FACTOR = 0.1
 EMERGENCE_SAMPLES = 512  # validation samples used for the O(N^2)/SVD emergence metrics
 
 
+# Every metric an epoch reports (validation ones on validated epochs); expert_usage_<name> joins per expert.
+REPORTED_METRICS = (
+    "train_loss", "lr", "train_sentences", "throughput_samples_per_s", "cell_steps_per_s", "epoch_seconds",
+    "peak_memory_mb", "cache_hit_rate", "val_loss", "val_mse", "val_cosine", "val_loss_reconstruction",
+    "val_loss_cosine", "val_loss_diversity", "val_loss_emergence", "val_loss_triplet", "decode_top1", "decode_top5",
+    "baseline_pca_cosine", "baseline_mean_cosine", "face_numbers", "effective_dim", "mutual_info_front_back",
+    "cell_specialization", "expert_usage_entropy", "embedding_norm_mean", "embedding_norm_std",
+    "activation_sparsity", "rsa_teacher",
+)
+
+
+def is_reported_metric(name: str) -> bool:
+    """Whether ``name`` is a metric ``train`` reports (usable as a tuner objective)."""
+    return name in REPORTED_METRICS or name.startswith("expert_usage_")
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; training stopped instead of continuing on garbage."""
 

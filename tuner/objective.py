@@ -1,0 +1,167 @@
+"""One Optuna trial = one ``cnn3d.train`` run, tracked as a child MLflow run.
+
+The trainer's epoch callback feeds both Optuna (``trial.report`` / pruning, single
+objective only) and MLflow (every metric with ``step=epoch``). The MLflow run ends
+in the state matching the Optuna trial: FINISHED for complete and pruned trials,
+FAILED for errors, KILLED for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import optuna
+import torch
+
+from cnn3d.config import ConfigError, flatten, with_overrides
+from cnn3d.train import EpochReport, TrainingData, prepare_data, train
+
+from .space import ParamSpace, suggest
+from .spec import Objective
+from .tracking import StudyTracker
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_MAX_SIDE = 16  # the report's 3D lattice view is downsampled to at most 16 cells a side
+DATA_KEYS = ("teacher.", "data.")  # config sections that decide the training data
+
+
+class TrialRunner:
+    """Callable objective for ``study.optimize``; one per worker process (it memoises prepared data)."""
+
+    def __init__(self, base_config, spaces: list[ParamSpace], objectives: list[Objective], tracker: StudyTracker,
+                 parent_run_id: str, device: torch.device):
+        self.base_config = base_config
+        self.spaces = spaces
+        self.objectives = objectives
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.device = device
+        self._data: dict[tuple, TrainingData] = {}
+        self.overhead_seconds = 0.0  # time spent in Optuna/MLflow calls, for the overhead benchmark
+
+    # -- config
+
+    def trial_config(self, trial: optuna.Trial):
+        values = {space.key: suggest(trial, space) for space in self.spaces}
+        seed = trial.user_attrs.get("train.seed")
+        if seed is not None:
+            values["train.seed"] = seed
+        try:
+            return with_overrides(self.base_config, values)
+        except ConfigError as exc:  # a sampled combination the config rejects
+            raise ValueError(f"invalid sampled configuration: {exc}") from None
+
+    def data_for(self, config) -> TrainingData:
+        flat = flatten(config)
+        key = tuple((k, flat[k]) for k in sorted(flat) if k.startswith(DATA_KEYS)) + (
+            ("train.seed", flat["train.seed"]), ("train.batch_size", flat["train.batch_size"]),
+            ("train.warmup", flat["train.warmup_epochs"] > 0 and flat["train.warmup_synthetic"]),
+        )
+        if key not in self._data:
+            self._data = {key: prepare_data(config, self.device)}  # keep one: configs rarely alternate
+        return self._data[key]
+
+    # -- the objective
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        config = self.trial_config(trial)
+        flat = flatten(config)
+        tags = {"cnn3d.optuna_state": "RUNNING"}
+        retry_of = trial.system_attrs.get("failed_trial") if hasattr(trial, "system_attrs") else None
+        if retry_of is not None:
+            tags["cnn3d.retry_of"] = str(retry_of)
+        start = time.perf_counter()
+        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, flat, tags)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
+        self.overhead_seconds += time.perf_counter() - start
+        history: list[dict[str, float]] = []
+        try:
+            with self.tracker.system_metrics_for(run_id):
+                result = train(config, device=self.device, callbacks=[self._epoch_callback(trial, run_id, history)],
+                               progress=False, data=self.data_for(config))
+            values = [result.metrics[o.metric] for o in self.objectives]
+            self._finish(trial, run_id, "COMPLETE", history, result.metrics, result.examples,
+                         snapshot=lattice_snapshot(result.model, self.data_for(config), self.device))
+            return values[0] if len(values) == 1 else values
+        except optuna.TrialPruned:
+            self._finish(trial, run_id, "PRUNED", history)
+            raise
+        except KeyboardInterrupt:
+            self._finish(trial, run_id, "FAIL", history, reason="interrupted (Ctrl-C)", status="KILLED")
+            raise
+        except Exception as exc:
+            self._finish(trial, run_id, "FAIL", history, reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            raise
+
+    def _epoch_callback(self, trial: optuna.Trial, run_id: str, history: list):
+        single = len(self.objectives) == 1
+
+        def on_epoch(report: EpochReport) -> None:
+            start = time.perf_counter()
+            history.append(report.metrics)
+            self.tracker.log_epoch(run_id, report.epoch, report.metrics, int(time.time() * 1000))
+            metric = self.objectives[0].metric
+            if single and metric in report.metrics:
+                trial.report(report.metrics[metric], report.epoch)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_at_epoch", report.epoch)
+                    self.overhead_seconds += time.perf_counter() - start
+                    raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")
+            self.overhead_seconds += time.perf_counter() - start
+
+        return on_epoch
+
+    def _finish(self, trial, run_id, state, history, metrics=None, examples=None, reason=None, status=None,
+                snapshot=None) -> None:
+        start = time.perf_counter()
+        trial.set_user_attr("history", history)
+        if metrics is not None:
+            trial.set_user_attr("metrics", metrics)
+        if examples:
+            trial.set_user_attr("examples", examples)
+            self.tracker.log_json(run_id, examples, "decoded_examples.json")
+        if snapshot is not None:
+            trial.set_user_attr("lattice_snapshot", snapshot)
+        if reason:
+            trial.set_user_attr("fail_reason", reason)
+        tags: dict[str, Any] = {"cnn3d.optuna_state": state}
+        if "pruned_at_epoch" in trial.user_attrs:
+            tags["cnn3d.pruned_at_epoch"] = trial.user_attrs["pruned_at_epoch"]
+        if reason:
+            tags["cnn3d.fail_reason"] = reason[:500]
+        try:
+            self.tracker.log_json(run_id, trial.user_attrs["config"], "config.json")
+            self.tracker.set_tags(run_id, tags)
+            self.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+        except Exception as exc:  # noqa: BLE001 - never hide the trial's own outcome behind a tracking error
+            logger.warning("could not finish MLflow run %s: %s", run_id, exc)
+        self.overhead_seconds += time.perf_counter() - start
+
+
+@torch.no_grad()
+def lattice_snapshot(model, data: TrainingData, device: torch.device) -> dict[str, Any]:
+    """Per-cell activation (mean |state|) and dominant expert for the first validation sentence.
+
+    Downsampled by average pooling to at most ``SNAPSHOT_MAX_SIDE`` cells a side so it fits in trial attrs.
+    """
+    model.eval()
+    out = model(data.val[:1].to(device))
+    activation = out.state[0].float().abs().mean(0)  # [D, H, W]
+    gates = out.gates[0].float()  # [E, D, H, W]
+    stride = max(1, -(-max(activation.shape) // SNAPSHOT_MAX_SIDE))
+    if stride > 1:
+        pool = torch.nn.functional.avg_pool3d
+        activation = pool(activation[None, None], stride, ceil_mode=True)[0, 0]
+        gates = pool(gates[None], stride, ceil_mode=True)[0]
+    return {
+        "dims": list(activation.shape),
+        "stride": stride,
+        "activation": [round(v, 5) for v in activation.flatten().cpu().tolist()],
+        "dominant_expert": gates.argmax(0).flatten().cpu().tolist(),
+        "expert_names": list(model.expert_names),
+        "input": data.val_texts[0],
+    }

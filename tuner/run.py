@@ -1,0 +1,368 @@
+"""ConfigurationTuner: Optuna studies over the cnn3d config, run by one or several worker processes.
+
+Storage: SQLite under ``studies/`` by default (WAL journal, long busy timeout, so
+several local workers share it), or any RDB URL such as ``postgresql://...``;
+heartbeats mark trials of dead workers failed and a callback retries them.
+
+Budget semantics: ``trials=N`` asks for N more *finished* (complete or pruned)
+trials in this invocation; failed trials are replaced (up to a cap), retried
+copies of dead workers' trials are run first, and a resumed sweep finishes the
+grid points an interrupted run left queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import sqlite3
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from cnn3d.device import resolve_device
+from cnn3d.errors import UserError
+
+from .space import ParamSpace
+from .spec import Objective, StudySpec
+from .tracking import StudyTracker, resolve_tracking_uri, status_for_state
+
+logger = logging.getLogger(__name__)
+# heartbeats and fail_stale_trials are marked experimental; we rely on them deliberately
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+DEFAULT_STORAGE = "sqlite:///studies/cnn3d.db"
+HEARTBEAT_INTERVAL = 5
+GRACE_PERIOD = 20
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def resolve_storage_url(url: str | None) -> str:
+    """``--storage`` > ``CNN3D_STORAGE`` > ``sqlite:///studies/cnn3d.db``."""
+    return url or os.environ.get("CNN3D_STORAGE") or DEFAULT_STORAGE
+
+
+def _prepare_sqlite(url: str) -> None:
+    """Create the folder and switch the database to WAL (persistent), so readers never block the writer."""
+    path = Path(url[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=60) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def make_storage(url: str, tracker_args: tuple[str, str] | None = None) -> RDBStorage:
+    """An RDB storage with heartbeats; unreachable or malformed URLs are one-line ``UserError``s."""
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        _prepare_sqlite(url)
+        engine_kwargs["connect_args"] = {"timeout": 120}
+    elif "://" not in url:
+        raise UserError(f"storage {url!r} is not a database URL; use sqlite:///PATH.db or postgresql://USER@HOST/DB")
+    callback = StaleTrialRetry(*tracker_args) if tracker_args else RetryHeartbeatStaleTrialCallback(max_retry=3)
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                          grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=callback)
+    except Exception as exc:  # noqa: BLE001 - driver, DNS, auth: all become one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open study storage {_redact(url)}: {first[:200]}") from None
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+class StaleTrialRetry:
+    """Heartbeat-stale trials (their worker died): end their MLflow run as FAILED, then queue a retry."""
+
+    def __init__(self, tracking_uri: str, study_name: str):
+        self.tracking_uri, self.study_name = tracking_uri, study_name
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                tracker = StudyTracker(self.tracking_uri, self.study_name, system_metrics=False)
+                tracker.set_tags(run_id, {"cnn3d.optuna_state": "FAIL", "cnn3d.fail_reason": "worker died (stale heartbeat)"})
+                tracker.end_run(run_id, "FAILED")
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("could not mark MLflow run %s of dead trial %d: %s", run_id, trial.number, exc)
+        logger.warning("trial %d lost its worker; queued a retry", trial.number)
+        self.retry(study, trial)
+
+
+# --------------------------------------------------------------------------- samplers, pruners
+
+
+def make_sampler(spec: StudySpec, spaces: list[ParamSpace], seed: int) -> optuna.samplers.BaseSampler:
+    name = spec.sampler
+    if name == "auto":
+        name = "random" if len(spaces) <= 1 else "tpe"  # one parameter: a queued sweep (random only as fallback)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise UserError("--sampler cmaes needs the 'cmaes' package: pip install cmaes") from None
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "grid":
+        points = max(2, round(spec.trials ** (1 / max(1, len(spaces)))))
+        return optuna.samplers.GridSampler({s.key: s.grid(points) for s in spaces}, seed=seed)
+    raise UserError(f"unknown sampler {name!r}")
+
+
+def make_pruner(spec: StudySpec, objectives: list[Objective], epochs: int) -> optuna.pruners.BasePruner:
+    name = spec.pruner
+    if len(objectives) > 1 or name == "none" or (name == "auto" and epochs < 2):
+        return optuna.pruners.NopPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2))
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep_points(space: ParamSpace, trials: int, seeds: int) -> list[tuple[Any, int]]:
+    """(value, repeat) pairs: evenly spread values, repeated with new seeds as the budget allows, round-major."""
+    if seeds > 0:
+        points = max(1, trials // seeds)
+    else:
+        points = trials if trials <= 5 else max(5, trials // 3)
+    values = space.grid(points)
+    rounds = math.ceil(trials / len(values))
+    plan = [(value, r) for r in range(rounds) for value in values]
+    return plan[:trials]
+
+
+def enqueue_sweep(study: optuna.Study, space: ParamSpace, trials: int, seeds: int, base_seed: int) -> int:
+    """Queue a sweep's trials (minus ones an interrupted run left waiting); returns how many were queued."""
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    wanted = trials - waiting
+    if wanted <= 0:
+        return 0
+    done_rounds = len(study.get_trials(deepcopy=False)) // max(1, len(space.grid(max(1, trials))))
+    for value, repeat in sweep_points(space, wanted, seeds):
+        study.enqueue_trial({space.key: value}, user_attrs={"train.seed": base_seed + done_rounds + repeat})
+    return wanted
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class StudySummary:
+    study_name: str
+    storage: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    finished: int
+    pruned: int
+    failed: int
+    best: list[dict[str, Any]] = field(default_factory=list)  # best trial(s): number, values, params
+    report_path: str | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- the tuner
+
+
+class ConfigurationTuner:
+    """Tune cnn3d configurations with Optuna, tracking every trial in MLflow.
+
+    >>> tuner = ConfigurationTuner()                       # SQLite under studies/, MLflow under mlruns/
+    >>> tuner.tune_parameter("transform.dropout", trials=6)  # a sensitivity sweep
+    >>> tuner.run_study(StudySpec(params=["train.lr", "transform.kind"], trials=20))
+    """
+
+    def __init__(self, storage: str | None = None, tracking_uri: str | None = None, device: str | None = None):
+        self.storage_url = resolve_storage_url(storage)
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.device_name = device
+
+    def tune_parameter(self, param_name: str, values: list[Any] | None = None, **spec_fields: Any) -> StudySummary:
+        """Sweep one parameter: over ``values`` if given, else evenly across the field's range."""
+        param = param_name if values is None else f"{param_name}={','.join(map(str, values))}"
+        return self.run_study(StudySpec(params=[param], **spec_fields))
+
+    def run_study(self, spec: StudySpec) -> StudySummary:
+        """Run (or resume) the study described by ``spec``; returns a summary once its budget is spent."""
+        spec.validate()
+        started = time.perf_counter()
+        study, tracker, parent_id = self._open(spec)
+        target = _count(study, FINISHED) + spec.trials
+        spaces = spec.spaces()
+        if len(spaces) == 1 and spec.sampler == "auto":
+            queued = enqueue_sweep(study, spaces[0], spec.trials, spec.seeds, spec.base_config().train.seed)
+            logger.info("queued %d sweep trials of %s", queued, spaces[0].key)
+        deadline = time.time() + spec.timeout if spec.timeout else None
+        args = (spec, self.storage_url, self.tracking_uri, target, deadline, self.device_name, spec.workers)
+        if spec.workers == 1:
+            _worker(*args)
+        else:
+            _run_workers(args, spec.workers)
+        summary = self._summarise(spec, study, tracker, parent_id, started)
+        return summary
+
+    def _open(self, spec: StudySpec) -> tuple[optuna.Study, StudyTracker, str]:
+        name = spec.study_name()
+        tracker = StudyTracker(self.tracking_uri, name)
+        storage = make_storage(self.storage_url, (self.tracking_uri, name))
+        objectives = spec.parsed_objectives()
+        study = optuna.create_study(
+            storage=storage, study_name=name, load_if_exists=True,
+            directions=[o.direction for o in objectives],
+            sampler=make_sampler(spec, spec.spaces(), spec.base_config().train.seed),
+        )
+        _check_same_objectives(study, objectives)
+        parent_id = tracker.parent_run_id()
+        study.set_user_attr("objectives", [str(o) for o in objectives])
+        study.set_user_attr("params", spec.params)
+        study.set_user_attr("preset", spec.preset)
+        study.set_user_attr("set", {k: str(v) for k, v in spec.set.items()})
+        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
+        study.set_user_attr("tracking_uri", self.tracking_uri)
+        return study, tracker, parent_id
+
+    def _summarise(self, spec, study, tracker, parent_id, started) -> StudySummary:
+        reconcile_runs(study, tracker)
+        objectives = spec.parsed_objectives()
+        best = best_trials(study, objectives)
+        if best:
+            top = study.trials[best[0]["number"]]
+            tracker.log_best(parent_id, top.params, top.user_attrs.get("metrics", {}), top.number)
+        summary = StudySummary(
+            study_name=study.study_name, storage=self.storage_url, tracking_uri=self.tracking_uri,
+            experiment_id=tracker.experiment_id, parent_run_id=parent_id,
+            finished=_count(study, (TrialState.COMPLETE,)), pruned=_count(study, (TrialState.PRUNED,)),
+            failed=_count(study, (TrialState.FAIL,)), best=best, seconds=time.perf_counter() - started,
+        )
+        if spec.report:
+            summary.report_path = write_study_report(study, tracker, parent_id)
+        return summary
+
+
+def _check_same_objectives(study: optuna.Study, objectives: list[Objective]) -> None:
+    saved = study.user_attrs.get("objectives")
+    if saved and saved != [str(o) for o in objectives]:
+        raise UserError(
+            f"study {study.study_name!r} was created with objectives {', '.join(saved)}; "
+            f"use those or pick another --name"
+        )
+
+
+def _count(study: optuna.Study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def best_trials(study: optuna.Study, objectives: list[Objective]) -> list[dict[str, Any]]:
+    if not _count(study, (TrialState.COMPLETE,)):
+        return []
+    trials = study.best_trials if len(objectives) > 1 else [study.best_trial]
+    return [{"number": t.number, "values": t.values, "params": t.params} for t in trials]
+
+
+def reconcile_runs(study: optuna.Study, tracker: StudyTracker) -> int:
+    """End any MLflow run still RUNNING whose trial has finished or failed; returns how many were fixed."""
+    fixed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        try:
+            if tracker.run_status(run_id) == "RUNNING":
+                tracker.set_tags(run_id, {"cnn3d.optuna_state": trial.state.name})
+                tracker.end_run(run_id, status_for_state(trial.state.name))
+                fixed += 1
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not reconcile MLflow run %s: %s", run_id, exc)
+    return fixed
+
+
+def write_study_report(study, tracker, parent_id) -> str | None:
+    """Write the HTML report into studies/reports/ and attach it to the parent run (when the report module exists)."""
+    try:
+        from .report import write_report
+    except ImportError:
+        return None
+    path = write_report(study, tracker=tracker)
+    tracker.client.log_artifact(parent_id, str(path))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _run_workers(args: tuple, workers: int) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=args, name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=60)
+        raise
+    bad = [p for p in procs if p.exitcode not in (0, None)]
+    if bad:
+        logger.warning("%d worker(s) exited abnormally: %s", len(bad), ", ".join(f"{p.name}={p.exitcode}" for p in bad))
+
+
+def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, deadline: float | None,
+            device_name: str | None, workers: int) -> None:
+    """Run trials until the study holds ``target`` finished trials (shared by every worker of the study)."""
+    from .objective import TrialRunner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    name = spec.study_name()
+    tracker = StudyTracker(tracking_uri, name)
+    storage = make_storage(storage_url, (tracking_uri, name))
+    objectives = spec.parsed_objectives()
+    base = spec.base_config()
+    device = resolve_device(device_name or base.train.device)
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=make_sampler(spec, spec.spaces(), base.train.seed + os.getpid()),
+                              pruner=make_pruner(spec, objectives, base.total_epochs))
+    runner = TrialRunner(base, spec.spaces(), objectives, tracker, tracker.parent_run_id(), device)
+    max_failures = max(5, spec.trials)
+    failures_before = _count(study, (TrialState.FAIL,))
+    while True:
+        fail_stale_trials(study)
+        finished = _count(study, FINISHED)
+        running = _count(study, (TrialState.RUNNING,))
+        waiting = _count(study, (TrialState.WAITING,))
+        failures = _count(study, (TrialState.FAIL,)) - failures_before
+        if finished >= target or failures >= max_failures or (deadline and time.time() > deadline):
+            break
+        if waiting or finished + running < target:
+            study.optimize(runner, n_trials=1, catch=(Exception,))
+        else:  # the last trials run elsewhere: wait for them (or for their heartbeat to go stale)
+            time.sleep(1.0)
+    if failures >= max_failures:
+        logger.error("stopping: %d trials failed in this run (see their fail_reason)", failures)

@@ -1,0 +1,205 @@
+"""MLflow tracking for studies: one experiment per study, a parent run per study, a child run per trial.
+
+Everything goes through an explicit ``MlflowClient`` and explicit run ids: MLflow's
+active-run stack is per thread, so ``nested=True`` breaks with parallel workers.
+The default store is SQLite under ``mlruns/`` with artifacts beside it (MLflow 3
+refuses the old ``file:`` store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from cnn3d.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_DIR = Path("mlruns")
+PARENT_ROLE = "study"
+TRIAL_ROLE = "trial"
+MAX_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+
+
+def default_tracking_uri(root: Path = DEFAULT_TRACKING_DIR) -> str:
+    """``sqlite:///<abs>/mlruns/mlflow.db`` (created on first use)."""
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the embedded SQLite store under ``mlruns/``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return default_tracking_uri()
+    if uri.startswith("file:") or (("://" not in uri) and not uri.startswith("databricks")):
+        raise UserError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use sqlite:///PATH/mlflow.db or http://HOST:PORT"
+        )
+    return uri
+
+
+def git_commit() -> str:
+    """The code's git commit (``unknown`` outside a checkout); ``-dirty`` when files are modified."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+class StudyTracker:
+    """The MLflow side of one study; safe to create in every worker process."""
+
+    def __init__(self, tracking_uri: str, study_name: str, system_metrics: bool = True):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.study_name = study_name
+        self.system_metrics = system_metrics
+        self.experiment_id = self._experiment()
+
+    # -- experiment and parent run
+
+    def _experiment(self) -> str:
+        name = f"cnn3d/{self.study_name}"
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                return found.experiment_id
+            artifacts = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                artifacts = (Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+            return self.client.create_experiment(name, artifact_location=artifacts, tags={"cnn3d.study": self.study_name})
+        except Exception as exc:  # noqa: BLE001 - a concurrent worker may have created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                return found.experiment_id
+            raise UserError(f"cannot reach the MLflow tracking store {self.tracking_uri}: {str(exc).splitlines()[0]}") from None
+
+    def parent_run_id(self, create: bool = True) -> str | None:
+        """The study's parent run (found by tag, so every worker and every resume shares one)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`cnn3d.role` = '{PARENT_ROLE}'", max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+        if runs:
+            return runs[0].info.run_id
+        if not create:
+            return None
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.study_name,
+            tags={"cnn3d.role": PARENT_ROLE, "cnn3d.study": self.study_name, "cnn3d.git_commit": git_commit()},
+        )
+        return run.info.run_id
+
+    # -- trial runs
+
+    def start_trial(self, parent_id: str, trial_number: int, config: dict[str, Any], tags: dict[str, str]) -> str:
+        """A child run with the flattened config as params (the same dotted keys); returns its id."""
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{trial_number}",
+            tags={"mlflow.parentRunId": parent_id, "cnn3d.role": TRIAL_ROLE, "cnn3d.study": self.study_name,
+                  "cnn3d.trial": str(trial_number), "cnn3d.git_commit": git_commit(), **tags},
+        )
+        run_id = run.info.run_id
+        params = [Param(k, _param_value(v)) for k, v in config.items()]
+        for i in range(0, len(params), MAX_BATCH):
+            self.client.log_batch(run_id, params=params[i : i + MAX_BATCH])
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float], timestamp_ms: int) -> None:
+        batch = [Metric(k, float(v), timestamp_ms, epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def log_json(self, run_id: str, data: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2, default=str))
+            self.client.log_artifact(run_id, str(path))
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """``status``: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status)
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    @contextmanager
+    def system_metrics_for(self, run_id: str, interval: float = 2.0):
+        """CPU, memory (and GPU when present) sampled into the run while the block runs."""
+        if not self.system_metrics:
+            yield
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.tracking_uri)
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - system metrics are nice to have, never fatal
+            logger.warning("system metrics unavailable: %s", exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    # -- study summary
+
+    def log_best(self, parent_id: str, params: dict[str, Any], metrics: dict[str, float], trial_number: int) -> None:
+        """Copy the best trial's params and final metrics onto the study's parent run."""
+        existing = self.client.get_run(parent_id).data.params
+        fresh = [Param(f"best.{k}", _param_value(v)) for k, v in params.items()]
+        # MLflow params are immutable: only log keys not yet set (a resumed study keeps its first best params)
+        fresh = [p for p in fresh if p.key not in existing]
+        for i in range(0, len(fresh), MAX_BATCH):
+            self.client.log_batch(parent_id, params=fresh[i : i + MAX_BATCH])
+        ts = _now_ms()
+        metrics_list = [Metric(f"best_{k}", float(v), ts, trial_number) for k, v in metrics.items()
+                        if isinstance(v, (int, float))]
+        self.client.log_batch(parent_id, metrics=metrics_list, tags=[RunTag("cnn3d.best_trial", str(trial_number))])
+
+    def ui_url(self, base: str, run_id: str | None = None) -> str:
+        """Link into the MLflow UI served at ``base`` (e.g. http://127.0.0.1:5000)."""
+        if run_id:
+            return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def status_for_state(state: str) -> str:
+    """MLflow run status matching an Optuna trial state name."""
+    return {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
+
+
+__all__ = ["RunStatus", "StudyTracker", "default_tracking_uri", "resolve_tracking_uri", "status_for_state"]
