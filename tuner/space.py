@@ -2,7 +2,8 @@
 
 ``--param transform.dropout`` alone takes the field's range and scale;
 ``transform.dropout=0.0:0.5``, ``train.lr=1e-4:1e-2:log``, ``lattice.size=6:16:int``
-and ``transform.kind=linear,attention`` override it.
+and ``transform.kind=linear,attention`` override it; list-valued fields take choices
+separated by ``|``: ``moe.experts=local,distant|local``.
 """
 
 from __future__ import annotations
@@ -70,12 +71,16 @@ def _parse_range(spec: FieldSpec, text: str) -> D.BaseDistribution:
         raise ConfigError(f"--param {spec.key}= is empty; give low:high[:log|:int] or a,b,c")
     if ":" in text:
         return _parse_interval(spec, text)
-    values = [coerce(spec, v.strip()) for v in text.split(",") if v.strip()]
-
+    # choices are comma-separated; for list-valued fields (moe.experts) separate choices with '|'
+    separator = "|" if "|" in text or spec.type is tuple else ","
+    raw = [v.strip() for v in text.split(separator) if v.strip()]
+    values = [coerce(spec, v) for v in raw]
     for v in values:
         check_value(spec, v)
     if len(set(map(repr, values))) != len(values) or not values:
         raise ConfigError(f"--param {spec.key}={text}: list distinct values, e.g. {spec.key}=a,b,c")
+    if spec.type is tuple:  # Optuna choices must be scalars: keep the text, the config coerces it
+        values = [",".join(map(str, v)) for v in values]
     return D.CategoricalDistribution(values)
 
 

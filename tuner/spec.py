@@ -135,6 +135,7 @@ def load_spec(path: str | Path) -> StudySpec:
         raise UserError(f"study spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"study spec {path} must be a mapping of keys (name, params, objectives, ...)")
+    data.setdefault("name", path.stem)  # studies/dropout.yaml -> study "dropout"
     try:
         return spec_from_dict(data).validate()
     except UserError as exc:
@@ -156,7 +157,7 @@ def spec_from_dict(data: dict[str, Any], base: StudySpec | None = None) -> Study
 
 def _coerce_spec_value(key: str, value: Any) -> Any:
     if key == "params" and isinstance(value, dict):  # {key: spec} or {key: [choices]} or {key: null}
-        value = [k if v is None else f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in value.items()]
+        value = [k if v is None else f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in value.items()]
     if key in ("params", "objectives"):
         if isinstance(value, str):
             value = [value]
