@@ -60,8 +60,9 @@ def _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sam
 def tune_cli(spec_path, params, assignments, objectives, trials, timeout, workers, sampler, pruner, seeds, preset,
              name, storage, tracking_uri, report, log_level) -> None:
     """Tune cnn3d configuration parameters with Optuna; every trial is an MLflow run."""
+    from .run import ConfigurationTuner  # import first: mlflow sets up its own logger on import
+
     setup_logging(log_level)
-    from .run import ConfigurationTuner
 
     spec = _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sampler, pruner, trials, timeout,
                           workers, seeds, storage, tracking_uri, report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -44,11 +45,15 @@ class TrialRunner:
 
     # -- config
 
-    def trial_config(self, trial: optuna.Trial):
+    def sampled_values(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's dotted overrides: sampled parameters plus a sweep's seed."""
         values = {space.key: suggest(trial, space) for space in self.spaces}
         seed = trial.user_attrs.get("train.seed")
         if seed is not None:
             values["train.seed"] = seed
+        return values
+
+    def trial_config(self, values: dict[str, Any]):
         try:
             return with_overrides(self.base_config, values)
         except ConfigError as exc:  # a sampled combination the config rejects
@@ -60,17 +65,21 @@ class TrialRunner:
             ("train.seed", flat["train.seed"]), ("train.batch_size", flat["train.batch_size"]),
             ("train.warmup", flat["train.warmup_epochs"] > 0 and flat["train.warmup_synthetic"]),
         )
-        if key not in self._data:
-            self._data = {key: prepare_data(config, self.device)}  # keep one: configs rarely alternate
+        if key in self._data:  # reused in memory: no cache lookups, no teacher passes
+            data = self._data[key]
+            n = len(data.train_texts) + len(data.val_texts)
+            return replace(data, cache_metrics={**data.cache_metrics, "cache_hit_rate": 1.0, "cache_hits": float(n),
+                                                "cache_misses": 0.0, "cache_computed": 0.0})
+        self._data = {key: prepare_data(config, self.device)}  # keep one: configs rarely alternate
         return self._data[key]
 
     # -- the objective
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        config = self.trial_config(trial)
-        flat = flatten(config)
+        values = self.sampled_values(trial)
+        flat = {**flatten(self.base_config), **values}  # as sampled, even if the config rejects it
         tags = {"cnn3d.optuna_state": "RUNNING"}
-        retry_of = trial.system_attrs.get("failed_trial") if hasattr(trial, "system_attrs") else None
+        retry_of = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retry_of is not None:
             tags["cnn3d.retry_of"] = str(retry_of)
         start = time.perf_counter()
@@ -80,6 +89,8 @@ class TrialRunner:
         self.overhead_seconds += time.perf_counter() - start
         history: list[dict[str, float]] = []
         try:
+            config = self.trial_config(values)
+            trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()})
             with self.tracker.system_metrics_for(run_id):
                 result = train(config, device=self.device, callbacks=[self._epoch_callback(trial, run_id, history)],
                                progress=False, data=self.data_for(config))

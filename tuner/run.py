@@ -137,7 +137,8 @@ def make_pruner(spec: StudySpec, objectives: list[Objective], epochs: int) -> op
         return optuna.pruners.NopPruner()
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2))
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    # epochs are reported 1-based; never prune on the first, noisiest epoch
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -145,10 +146,9 @@ def make_pruner(spec: StudySpec, objectives: list[Objective], epochs: int) -> op
 
 def sweep_points(space: ParamSpace, trials: int, seeds: int) -> list[tuple[Any, int]]:
     """(value, repeat) pairs: evenly spread values, repeated with new seeds as the budget allows, round-major."""
-    if seeds > 0:
-        points = max(1, trials // seeds)
-    else:
-        points = trials if trials <= 5 else max(5, trials // 3)
+    # by default about three seeds per value once the budget passes five trials
+    default_points = trials if trials <= 5 else max(5, trials // 3)
+    points = max(1, trials // seeds) if seeds > 0 else default_points
     values = space.grid(points)
     rounds = math.ceil(trials / len(values))
     plan = [(value, r) for r in range(rounds) for value in values]
@@ -161,9 +161,10 @@ def enqueue_sweep(study: optuna.Study, space: ParamSpace, trials: int, seeds: in
     wanted = trials - waiting
     if wanted <= 0:
         return 0
-    done_rounds = len(study.get_trials(deepcopy=False)) // max(1, len(space.grid(max(1, trials))))
+    seeds_used = [t.user_attrs.get("train.seed") for t in study.get_trials(deepcopy=False)]
+    next_seed = max((s for s in seeds_used if s is not None), default=base_seed - 1) + 1  # resumed: fresh seeds
     for value, repeat in sweep_points(space, wanted, seeds):
-        study.enqueue_trial({space.key: value}, user_attrs={"train.seed": base_seed + done_rounds + repeat})
+        study.enqueue_trial({space.key: value}, user_attrs={"train.seed": next_seed + repeat})
     return wanted
 
 
@@ -227,8 +228,8 @@ class ConfigurationTuner:
 
     def _open(self, spec: StudySpec) -> tuple[optuna.Study, StudyTracker, str]:
         name = spec.study_name()
-        tracker = StudyTracker(self.tracking_uri, name)
         storage = make_storage(self.storage_url, (self.tracking_uri, name))
+        tracker = StudyTracker(self.tracking_uri, name)
         objectives = spec.parsed_objectives()
         study = optuna.create_study(
             storage=storage, study_name=name, load_if_exists=True,
@@ -260,7 +261,10 @@ class ConfigurationTuner:
             failed=_count(study, (TrialState.FAIL,)), best=best, seconds=time.perf_counter() - started,
         )
         if spec.report:
-            summary.report_path = write_study_report(study, tracker, parent_id)
+            try:
+                summary.report_path = write_study_report(study, tracker, parent_id)
+            except Exception as exc:  # noqa: BLE001 - the study is done; a report failure must not hide it
+                logger.warning("could not write the study report: %s", exc)
         return summary
 
 
@@ -317,7 +321,7 @@ def write_study_report(study, tracker, parent_id) -> str | None:
 
 def _run_workers(args: tuple, workers: int) -> None:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=args, name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
+    procs = [ctx.Process(target=_worker_process, args=(*args, i), name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
     try:
@@ -332,8 +336,16 @@ def _run_workers(args: tuple, workers: int) -> None:
         logger.warning("%d worker(s) exited abnormally: %s", len(bad), ", ".join(f"{p.name}={p.exitcode}" for p in bad))
 
 
+def _worker_process(*args: Any) -> None:
+    """Entry point of a spawned worker: Ctrl-C ends it quietly (the trial is already marked)."""
+    try:
+        _worker(*args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
 def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, deadline: float | None,
-            device_name: str | None, workers: int) -> None:
+            device_name: str | None, workers: int, index: int = 0) -> None:
     """Run trials until the study holds ``target`` finished trials (shared by every worker of the study)."""
     from .objective import TrialRunner
 
@@ -347,7 +359,7 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
     base = spec.base_config()
     device = resolve_device(device_name or base.train.device)
     study = optuna.load_study(study_name=name, storage=storage,
-                              sampler=make_sampler(spec, spec.spaces(), base.train.seed + os.getpid()),
+                              sampler=make_sampler(spec, spec.spaces(), base.train.seed + 1000 * index),
                               pruner=make_pruner(spec, objectives, base.total_epochs))
     runner = TrialRunner(base, spec.spaces(), objectives, tracker, tracker.parent_run_id(), device)
     max_failures = max(5, spec.trials)

@@ -170,9 +170,8 @@ def _coerce_spec_value(key: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise UserError("set must be a mapping of dotted config keys to values")
         return dict(value)
-    if key in ("trials", "workers", "seeds"):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{key} must be an integer, got {value!r}")
+    if key in ("trials", "workers", "seeds") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise UserError(f"{key} must be an integer, got {value!r}")
     if key == "timeout" and value is not None and not isinstance(value, (int, float)):
         raise UserError(f"timeout must be a number of seconds, got {value!r}")
     return value
