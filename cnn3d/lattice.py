@@ -104,7 +104,8 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def neighbour_mix(values: torch.Tensor, weights: torch.Tensor, offsets: list[Offset], boundary: str) -> torch.Tensor:
     """Weighted sum of each cell's neighbours: ``values [B, C, D, H, W]``, ``weights [B, K, D, H, W]``."""
-    return NeighbourMix.apply(values, weights, offsets, boundary)
+    # under autocast the softmaxed weights come back in float32 while values may be bf16/fp16
+    return NeighbourMix.apply(values, weights.to(values.dtype), offsets, boundary)
 
 
 def inside_mask(dims: tuple[int, int, int], offsets: list[Offset], boundary: str) -> torch.Tensor:

@@ -369,17 +369,23 @@ def _train(config, device, callbacks, out_dir, resume_from, show, data) -> Train
             train_loss += loss.item() * len(idx)
             seen += len(idx)
             cpu_peak = _peak_rss_mb(cpu_peak)
+            if i == 0:  # time steady-state batches: the first one pays for allocator and kernel warm-up
+                warm_start, warm_seen = time.perf_counter(), seen
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
         train_seconds = time.perf_counter() - epoch_start
+        if seen > warm_seen:
+            rate = (seen - warm_seen) / (time.perf_counter() - warm_start)
+        else:
+            rate = seen / train_seconds
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
             "train_sentences": float(seen),
-            "throughput_samples_per_s": seen / train_seconds,
-            "cell_steps_per_s": seen * cells_per_sample / train_seconds,
+            "throughput_samples_per_s": rate,
+            "cell_steps_per_s": rate * cells_per_sample,
             **data.cache_metrics,
         }
         last = epoch == len(plan) - 1
