@@ -315,100 +315,116 @@ def train(
         torch.set_num_threads(previous_threads)
 
 
+@dataclass
+class _Loop:
+    """Mutable state of one training run, shared by its epochs."""
+
+    config: Config
+    model: LatticeStudent
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+    cpu_peak: float = 0.0
+
+
 def _train(config, device, callbacks, out_dir, resume_from, show, data) -> TrainResult:
     started = time.perf_counter()
     data = data or prepare_data(config, device, progress=show)
     model = build_model(config, data.teacher_dim).to(device)
     optimizer = build_optimizer(model, config)
     plan = epoch_plan(config)
-    first_epoch, step = 0, 0
-    if resume_from is not None:
-        first_epoch, step = _resume(resume_from, config, model, optimizer, device)
+    first_epoch, step = _resume(resume_from, config, model, optimizer, device) if resume_from else (0, 0)
     dtype = autocast_dtype(config.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    batch, accum = config.train.batch_size, config.train.grad_accum_steps
-    steps_per_epoch = [math.ceil(len(epoch_texts(data, config, p, i)) / (batch * accum)) for i, p in enumerate(plan)]
-    total_steps = sum(steps_per_epoch)
-    warmup_steps = max(1, total_steps // 20)
+    per_step = config.train.batch_size * config.train.grad_accum_steps
+    main_index = [plan[:e].count("main") for e in range(len(plan))]
+    total = sum(math.ceil(len(epoch_texts(data, config, p, main_index[e])) / per_step) for e, p in enumerate(plan))
+    loop = _Loop(config, model, optimizer, device, dtype,
+                 torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+                 total, max(1, total // 20), step, _peak_rss_mb(0.0))
     generator = torch.Generator().manual_seed(config.train.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cpu_peak = _peak_rss_mb(0.0)
     history: list[dict[str, float]] = []
     examples: list[dict] = []
-    cells_per_sample = model.dims[0] * model.dims[1] * model.dims[2] * model.steps
-    main_index = {e: plan[:e].count("main") for e in range(len(plan))}
-    for epoch in range(len(plan)):
-        phase = plan[epoch]
+    for epoch, phase in enumerate(plan):
         rows = epoch_texts(data, config, phase, main_index[epoch])
-        source = data.warmup if phase == "warmup" and data.warmup_texts else data.train
-        if epoch < first_epoch:  # resumed: replay the shuffles so data order stays identical
-            torch.randperm(len(rows), generator=generator)
+        order = rows[torch.randperm(len(rows), generator=generator)]  # replayed for skipped epochs on resume
+        if epoch < first_epoch:
             continue
-        lr_scale = FINE_TUNE_LR_FACTOR if phase == "fine_tune" else 1.0
+        source = data.warmup if phase == "warmup" and data.warmup_texts else data.train
         epoch_start = time.perf_counter()
-        model.train()
-        order = rows[torch.randperm(len(rows), generator=generator)]
-        train_loss, seen = 0.0, 0
-        bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{len(plan)} {phase}", disable=not show, leave=False)
-        micro = [order[i : i + batch] for i in range(0, len(order), batch)]
-        for i, idx in enumerate(micro):
-            target = source[idx].to(device, non_blocking=True)
-            with autocast(device, dtype):
-                out = model(target)
-            loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1} "
-                    f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
-                )
-            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-            if (i + 1) % accum == 0 or i + 1 == len(micro):
-                _optimizer_step(model, optimizer, scaler, config, lr_scale * lr_factor(step, total_steps, config.train.scheduler, warmup_steps))
-                step += 1
-            train_loss += loss.item() * len(idx)
-            seen += len(idx)
-            cpu_peak = _peak_rss_mb(cpu_peak)
-            if i == 0:  # time steady-state batches: the first one pays for allocator and kernel warm-up
-                warm_start, warm_seen = time.perf_counter(), seen
-            bar.update(len(idx))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        train_seconds = time.perf_counter() - epoch_start
-        if seen > warm_seen:
-            rate = (seen - warm_seen) / (time.perf_counter() - warm_start)
-        else:
-            rate = seen / train_seconds
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss / max(seen, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_sentences": float(seen),
-            "throughput_samples_per_s": rate,
-            "cell_steps_per_s": rate * cells_per_sample,
-            **data.cache_metrics,
-        }
-        last = epoch == len(plan) - 1
-        if last or (epoch + 1) % config.train.eval_every == 0:
+        metrics = {"epoch": epoch + 1, **_train_epoch(loop, source, order, phase, f"epoch {epoch + 1}/{len(plan)}", show),
+                   **data.cache_metrics}
+        if epoch == len(plan) - 1 or (epoch + 1) % config.train.eval_every == 0:
             evaluation = evaluate(model, data, config, device, dtype)
             metrics.update(evaluation["metrics"])
-            examples = evaluation["examples"]
             metrics.update(baselines(data, config))
+            examples = evaluation["examples"]
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
-        metrics["peak_memory_mb"] = _memory_metric(device, cpu_peak)
+        metrics["peak_memory_mb"] = _memory_metric(device, loop.cpu_peak)
         history.append(metrics)
         _log_epoch(metrics, phase, len(plan))
         if out_dir is not None:
-            meta = {"teacher_dim": data.teacher_dim, "epochs_done": epoch + 1, "step": step, "metrics": metrics}
+            meta = {"teacher_dim": data.teacher_dim, "epochs_done": epoch + 1, "step": loop.step, "metrics": metrics}
             save_checkpoint(out_dir, model, config, meta, optimizer)
         report = EpochReport(epoch + 1, len(plan), phase, metrics, examples)
         for callback in callbacks:
             callback(report)
     final = history[-1] if history else {}
-    return TrainResult(final, history, examples, config, model, time.perf_counter() - started, Path(out_dir) if out_dir else None)
+    seconds = time.perf_counter() - started
+    return TrainResult(final, history, examples, config, model, seconds, Path(out_dir) if out_dir else None)
 
 
-def _optimizer_step(model, optimizer, scaler, config: Config, factor: float) -> None:
+def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: str, label: str,
+                 show: bool) -> dict[str, float]:
+    """One pass over ``source[order]``; returns train loss, lr and steady-state throughput."""
+    config, model = loop.config, loop.model
+    batch, accum = config.train.batch_size, config.train.grad_accum_steps
+    lr_scale = FINE_TUNE_LR_FACTOR if phase == "fine_tune" else 1.0
+    model.train()
+    micro = [order[i : i + batch] for i in range(0, len(order), batch)]
+    train_loss, seen, warm_seen, warm_start = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(total=len(order), desc=f"{label} {phase}", disable=not show, leave=False)
+    for i, idx in enumerate(micro):
+        target = source[idx].to(loop.device, non_blocking=True)
+        with autocast(loop.device, loop.dtype):
+            out = model(target)
+        loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss became {loss.item()} at {label} batch {i + 1} "
+                f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
+            )
+        (loop.scaler.scale(loss / accum) if loop.scaler else loss / accum).backward()
+        if (i + 1) % accum == 0 or i + 1 == len(micro):
+            factor = lr_factor(loop.step, loop.total_steps, config.train.scheduler, loop.warmup_steps)
+            _optimizer_step(optimizer=loop.optimizer, scaler=loop.scaler, config=config, factor=lr_scale * factor)
+            loop.step += 1
+        train_loss += loss.item() * len(idx)
+        seen += len(idx)
+        loop.cpu_peak = _peak_rss_mb(loop.cpu_peak)
+        if i == 0:  # time steady-state batches: the first pays for allocator and kernel warm-up
+            warm_start, warm_seen = time.perf_counter(), seen
+        bar.update(len(idx))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    elapsed = time.perf_counter() - warm_start
+    rate = (seen - warm_seen) / elapsed if seen > warm_seen else seen / max(elapsed, 1e-9)
+    cells = model.dims[0] * model.dims[1] * model.dims[2] * model.steps
+    return {
+        "train_loss": train_loss / max(seen, 1),
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "train_sentences": float(seen),
+        "throughput_samples_per_s": rate,
+        "cell_steps_per_s": rate * cells,
+    }
+
+
+def _optimizer_step(optimizer, scaler, config: Config, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
     if scaler:

@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_with_a_reason(tiny):
     config, data = tiny
     poisoned = data.train.clone()
     poisoned[:] = float("nan")
-    with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 1 batch 1"):
+    with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 1/2 batch 1"):
         train(config, data=replace(data, train=poisoned), progress=False)
 
 

@@ -92,8 +92,10 @@ class TrialRunner:
             config = self.trial_config(values)
             trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()})
             with self.tracker.system_metrics_for(run_id):
+                train_start = time.perf_counter()
                 result = train(config, device=self.device, callbacks=[self._epoch_callback(trial, run_id, history)],
                                progress=False, data=self.data_for(config))
+                trial.set_user_attr("train_seconds", time.perf_counter() - train_start)
             values = [result.metrics[o.metric] for o in self.objectives]
             self._finish(trial, run_id, "COMPLETE", history, result.metrics, result.examples,
                          snapshot=lattice_snapshot(result.model, self.data_for(config), self.device))

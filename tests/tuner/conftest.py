@@ -107,10 +107,8 @@ class Processes:
         """SIGTERM, then SIGKILL after ``timeout``; also reaps leftovers of the group (server workers)."""
         if spawned.alive():
             self.kill(spawned, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 spawned.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill(spawned, signal.SIGKILL)  # children of a server may outlive their parent
         with contextlib.suppress(subprocess.TimeoutExpired):
             spawned.proc.wait(5)
@@ -229,11 +227,13 @@ class MlflowServer:
     process: Spawned
 
 
-def start_mlflow_server(processes: Processes, backend: str, artifacts: Path, name: str = "mlflow") -> MlflowServer:
+def start_mlflow_server(processes: Processes, backend: str, artifacts: Path, name: str = "mlflow",
+                        extra: list[str] | None = None) -> MlflowServer:
     """``mlflow server`` on a free loopback port over ``backend``, serving artifacts from ``artifacts``."""
     port = free_port()
     cmd = [tool("mlflow"), "server", "--backend-store-uri", backend, "--serve-artifacts",
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           *(extra or [])]
     spawned = processes.spawn(name, cmd, cwd=artifacts.parent, env=child_env())
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", spawned, timeout=180)
@@ -248,33 +248,53 @@ def mlflow_server(postgres: Postgres, processes: Processes, tmp_path_factory) ->
     artifacts.mkdir()
     server = start_mlflow_server(processes, backend, artifacts)
     yield server
-    processes.stop(server.process)
+    processes.stop(server.process, timeout=3.0)  # a throwaway server: no need for a long graceful shutdown
 
 
 # --------------------------------------------------------------------------- tuner workers
 
 
+@dataclass
+class WarmCache:
+    """An embedding cache being filled with the built-in corpus by a background ``cnn3d-cache warm``."""
+
+    path: Path
+    warming: Spawned | None
+
+    def ready(self, timeout: float = 600.0) -> Path:
+        """Wait for the warm-up (once); fail with its log if it did not succeed."""
+        if self.warming is not None:
+            code = self.warming.proc.wait(timeout)
+            assert code == 0, f"warming the embedding cache failed ({code}):\n{self.warming.tail()}"
+            self.warming = None
+        return self.path
+
+
 @pytest.fixture(scope="session")
-def embedding_cache(tmp_path_factory) -> Path:
-    """An embedding cache holding the built-in corpus, so workers never load the teacher cold at once."""
+def embedding_cache(processes: Processes, tmp_path_factory) -> WarmCache:
+    """Starts filling an embedding cache (overlapping the MLflow server's start-up), so that workers
+    never load the teacher and embed the corpus cold, all at once."""
     given = os.environ.get("CNN3D_TEST_CACHE_DIR")
     folder = Path(given) if given else tmp_path_factory.mktemp("embeddings")
     cmd = [tool("cnn3d-cache"), "warm", "--corpus", "builtin", "--cache-dir", str(folder), "--no-progress",
            "--log-level", "warning"]
-    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"warming the embedding cache failed:\n{done.stdout}\n{done.stderr}"
-    return folder
+    return WarmCache(folder, processes.spawn("cache-warm", cmd))
 
 
 @pytest.fixture(scope="session")
-def tune_command(embedding_cache: Path):
-    """``tune_command(name, storage, tracking_uri, trials, *extra)``: a tiny-trial ``cnn3d-tune`` command line."""
+def tune_command(embedding_cache: WarmCache):
+    """``tune_command(name, storage, tracking_uri, trials, *extra)``: a tiny-trial ``cnn3d-tune`` command line.
 
-    def build(name: str, storage: str, tracking_uri: str, trials: int, *extra: str) -> list[str]:
+    ``storage``/``tracking_uri`` None: the embedded defaults (``studies/cnn3d.db``, ``mlruns/mlflow.db``
+    under the working directory). Request this fixture before ``mlflow_server`` so that the cache
+    warms while the server starts.
+    """
+
+    def build(name: str, storage: str | None, tracking_uri: str | None, trials: int, *extra: str) -> list[str]:
+        stores = (["--storage", storage] if storage else []) + (["--tracking-uri", tracking_uri] if tracking_uri else [])
         return [
-            tool("cnn3d-tune"), "--name", name, "--storage", storage, "--tracking-uri", tracking_uri,
-            "--trials", str(trials), *TINY_TRIAL, "--set", f"data.cache_dir={embedding_cache}",
-            "--no-report", "--log-level", "warning", *extra,
+            tool("cnn3d-tune"), "--name", name, *stores, "--trials", str(trials), *TINY_TRIAL,
+            "--set", f"data.cache_dir={embedding_cache.ready()}", "--no-report", "--log-level", "warning", *extra,
         ]
 
     return build

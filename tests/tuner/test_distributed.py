@@ -44,16 +44,16 @@ def load(study: SharedStudy | str, storage: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=study, storage=storage)
 
 
-def mlflow_runs(tracking_uri: str, study_name: str) -> tuple[MlflowClient, object, list]:
-    """(client, parent run, trial runs) of a study's experiment, read over HTTP."""
+def mlflow_runs(tracking_uri: str, study_name: str) -> tuple[MlflowClient, list, list]:
+    """(client, parent runs, trial runs) of a study's experiment, read over HTTP."""
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(f"cnn3d/{study_name}")
     assert experiment is not None, f"no MLflow experiment cnn3d/{study_name} on {tracking_uri}"
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("cnn3d.role") == "study"]
-    assert len(parents) == 1, f"expected one parent run, found {len(parents)}"
+    assert parents, f"no parent run in cnn3d/{study_name}"
     children = [r for r in runs if r.data.tags.get("cnn3d.role") == "trial"]
-    return client, parents[0], children
+    return client, parents, children
 
 
 def wait_all(workers, timeout: float = WORKER_TIMEOUT) -> list[str]:
@@ -75,7 +75,7 @@ def assert_trials_unique(study: optuna.Study) -> None:
     assert not left, f"trials left RUNNING/WAITING: {left}"
 
 
-def assert_one_run_per_trial(study: optuna.Study, parent, children) -> None:
+def assert_one_run_per_trial(study: optuna.Study, parents: list, children: list) -> None:
     """Every COMPLETE trial has exactly one FINISHED child run under the parent, with its params and value."""
     by_trial: dict[int, list] = {}
     for run in children:
@@ -87,7 +87,7 @@ def assert_one_run_per_trial(study: optuna.Study, parent, children) -> None:
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert run.info.status == "FINISHED", f"trial {trial.number}: run {run.info.status}"
         assert run.info.run_name == f"trial-{trial.number}"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
         assert run.data.tags["cnn3d.optuna_state"] == "COMPLETE"
         assert math.isclose(run.data.metrics["val_cosine"], trial.value, rel_tol=1e-6, abs_tol=1e-9)
         for key, value in trial.params.items():
@@ -100,7 +100,7 @@ def assert_one_run_per_trial(study: optuna.Study, parent, children) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_study(optuna_db, mlflow_server, processes, tune_command, tmp_path_factory) -> SharedStudy:
+def shared_study(tune_command, optuna_db, mlflow_server, processes, tmp_path_factory) -> SharedStudy:
     """Two ``cnn3d-tune`` processes started together with the same command (two "machines")."""
     name = unique_name("two-workers")
     cmd = tune_command(name, optuna_db, mlflow_server.url, TRIALS, *PARAMS)
@@ -122,22 +122,30 @@ def test_every_trial_finishes_exactly_once(shared_study):
 
 def test_each_trial_has_its_nested_run_on_the_server(shared_study):
     study = load(shared_study)
-    _, parent, children = mlflow_runs(shared_study.tracking_uri, shared_study.name)
-    assert_one_run_per_trial(study, parent, children)
+    _, parents, children = mlflow_runs(shared_study.tracking_uri, shared_study.name)
+    assert_one_run_per_trial(study, parents, children)
     assert len(children) == len(study.trials)
-    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+
+
+def test_workers_share_one_parent_run(shared_study):
+    """Two commands started together must find (not both create) the study's parent run."""
+    study = load(shared_study)
+    _, parents, children = mlflow_runs(shared_study.tracking_uri, shared_study.name)
+    assert len(parents) == 1, f"{len(parents)} parent runs for one study: {[p.info.run_id for p in parents]}"
+    assert study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
 
 
 def test_best_trial_agrees_between_optuna_and_mlflow(shared_study):
     study = load(shared_study)
     best = study.best_trial
-    client, parent, _ = mlflow_runs(shared_study.tracking_uri, shared_study.name)
+    client, parents, _ = mlflow_runs(shared_study.tracking_uri, shared_study.name)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     top = client.search_runs([parent.info.experiment_id], filter_string="tags.`cnn3d.role` = 'trial'",
                              order_by=["metrics.val_cosine DESC"], max_results=1)[0]
     assert math.isclose(top.data.metrics["val_cosine"], best.value, rel_tol=1e-6)
     tied = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,)) if math.isclose(t.value, best.value)}
     assert int(top.data.tags["cnn3d.trial"]) in tied  # equal values may sort either way
-    parent = client.get_run(parent.info.run_id)
     assert parent.data.tags["cnn3d.best_trial"] == str(best.number)
     assert math.isclose(parent.data.metrics["best_val_cosine"], best.value, rel_tol=1e-6)
     for key, value in best.params.items():
@@ -164,7 +172,7 @@ def test_optuna_dashboard_lists_the_study(shared_study, processes):
         processes.stop(dashboard)
 
 
-def test_workers_start_together_on_a_fresh_database(postgres, mlflow_server, processes, tune_command, tmp_path):
+def test_workers_start_together_on_a_fresh_database(tune_command, postgres, mlflow_server, processes, tmp_path):
     """``docker compose up --scale worker=4`` on a new volume: workers create the schema concurrently.
 
     Every worker must get through opening the storage (none may die on the schema-creation race).
@@ -200,7 +208,7 @@ def wait_for_running(study_name: str, storage: str, count: int, workers, timeout
 
 
 @pytest.mark.slow
-def test_killing_a_worker_mid_trial_leaves_a_complete_study(optuna_db, mlflow_server, processes, tune_command,
+def test_killing_a_worker_mid_trial_leaves_a_complete_study(tune_command, optuna_db, mlflow_server, processes,
                                                              tmp_path):
     """SIGKILL one of two workers mid-trial: its trial goes stale, fails, is retried; the study still completes.
 
@@ -210,7 +218,9 @@ def test_killing_a_worker_mid_trial_leaves_a_complete_study(optuna_db, mlflow_se
     """
     name = unique_name("kill")
     cmd = tune_command(name, optuna_db, mlflow_server.url, TRIALS, *PARAMS)
-    victim, survivor = (processes.spawn(f"{role}-worker", cmd, cwd=tmp_path) for role in ("victim", "survivor"))
+    victim = processes.spawn("victim-worker", cmd, cwd=tmp_path)
+    time.sleep(1.5)  # "shortly after": still before any trial finishes, so both commands count from 0
+    survivor = processes.spawn("survivor-worker", cmd, cwd=tmp_path)
     wait_for_running(name, optuna_db, 2, [victim, survivor])
     time.sleep(0.5)
     processes.kill(victim)
@@ -230,8 +240,8 @@ def test_killing_a_worker_mid_trial_leaves_a_complete_study(optuna_db, mlflow_se
     assert dead.number in retries[0].system_attrs.get("retry_history", [])
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) >= TRIALS, states
 
-    _, parent, children = mlflow_runs(mlflow_server.url, name)
-    assert_one_run_per_trial(study, parent, children)
+    _, parents, children = mlflow_runs(mlflow_server.url, name)
+    assert_one_run_per_trial(study, parents, children)
     dead_runs = [r for r in children if r.data.tags["cnn3d.trial"] == str(dead.number)]
     assert len(dead_runs) == 1 and dead_runs[0].info.status == "FAILED", [r.info.status for r in dead_runs]
     assert dead_runs[0].data.tags.get("cnn3d.optuna_state") == "FAIL"
