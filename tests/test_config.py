@@ -136,3 +136,27 @@ def test_import_has_no_side_effects():
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert logging.getLogger("cnn3d").handlers == []
+
+
+SEED_PLAN_FIELDS = {
+    "teacher_model": "teacher.model", "teacher_embedding_dim": "teacher.embedding_dim",
+    "cube_surface_dim": "lattice.size", "transformation_type": "transform.kind",
+    "use_layer_norm": "transform.layer_norm", "dropout_rate": "transform.dropout", "cache_embeddings": "data.cache",
+    "cache_dir": "data.cache_dir", "max_cache_size_gb": "data.max_cache_size_gb",
+    "warmup_epochs": "train.warmup_epochs", "main_epochs": "train.main_epochs",
+    "fine_tune_epochs": "train.fine_tune_epochs", "reconstruction_loss_weight": "loss.reconstruction",
+    "similarity_loss_weight": "loss.cosine", "diversity_loss_weight": "loss.diversity",
+    "emergence_loss_weight": "loss.emergence", "use_curriculum_learning": "train.curriculum",
+    "curriculum_start_difficulty": "train.curriculum_start_difficulty",
+    "curriculum_end_difficulty": "train.curriculum_end_difficulty", "embedding_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps", "test_lattice_dim": "lattice.size",
+    "test_dataset_size": "data.max_sentences", "test_validation_split": "data.validation_fraction",
+}
+
+
+def test_every_seed_plan_setting_has_a_home():
+    specs = field_specs()
+    for plan_name, key in SEED_PLAN_FIELDS.items():
+        assert key in specs, plan_name
+    # cube_embedding_dim is derived from the face, never stored twice
+    assert preset("full").lattice.face_numbers == 37 * 37
