@@ -77,9 +77,9 @@ class FunctionalExpert(nn.Module):
         self.offsets = axial_offsets(radius)
         self.neighbours = len(self.offsets)
         self.boundary = boundary
-        self.score = _pointwise(channels, 2)  # (a_dst, a_src)
+        # one pointwise map gives the update gate (C channels) and the two attention scores (a_dst, a_src)
+        self.gate_score = _pointwise(channels, channels + 2)
         self.out = _pointwise(channels, channels)
-        self.gate = _pointwise(channels, channels)
         # one learned bias per relative offset; start by attending to the cell in front
         bias = torch.zeros(self.neighbours)
         bias[self.offsets.index(FRONT_OFFSET)] = 4.0
@@ -89,18 +89,19 @@ class FunctionalExpert(nn.Module):
             self.out.weight.normal_(0.0, 0.02)
             self.out.weight[:, :, 0, 0, 0] += torch.eye(channels)  # messages start as the neighbour's state
             self.out.bias.zero_()
-            self.score.weight.normal_(0.0, 0.02)
-            self.score.bias.zero_()
-            self.gate.bias.fill_(3.0)  # update gate starts nearly open
+            self.gate_score.weight.normal_(0.0, 0.02)
+            self.gate_score.bias.zero_()
+            self.gate_score.bias[:channels].fill_(3.0)  # update gate starts nearly open
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        scores = self.score(state)  # [B, 2, D, H, W]
-        src = neighbour_stack(scores[:, 1:], self.offsets, self.boundary)[:, :, 0]  # [B, K, D, H, W]
-        logits = F.leaky_relu(scores[:, :1] + src, 0.2) + self.offset_bias.view(1, -1, 1, 1, 1)
+        gate_score = self.gate_score(state)  # [B, C + 2, D, H, W]
+        gate, dst, src = gate_score[:, :-2], gate_score[:, -2:-1], gate_score[:, -1:]
+        src = neighbour_stack(src, self.offsets, self.boundary)[:, :, 0]  # [B, K, D, H, W]
+        logits = F.leaky_relu(dst + src, 0.2) + self.offset_bias.view(1, -1, 1, 1, 1)
         attn = logits.masked_fill(~self.inside, float("-inf")).softmax(dim=1)  # [B, K, D, H, W]
         # the value map is linear, so it is folded into ``out`` after mixing: one projection, not two
         message = neighbour_mix(state, attn, self.offsets, self.boundary)
-        return torch.sigmoid(self.gate(state)) * self.out(message)
+        return torch.sigmoid(gate) * self.out(message)
 
 
 class DistantExpert(nn.Module):
