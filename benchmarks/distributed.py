@@ -1,6 +1,6 @@
 """Trials per minute with 1, 2 and 4 local worker processes, PostgreSQL study storage against SQLite.
 
-    HF_HUB_OFFLINE=1 python benchmarks/distributed.py [--workers 1,2,4] [--trials 8] [--backends postgresql,sqlite]
+    HF_HUB_OFFLINE=1 python benchmarks/distributed.py [--workers 1,2,4] [--trials 8] [--repeats 2]
 
 Each configuration runs ``cnn3d-tune --workers N --trials T`` on a fresh study (tiny trials: a 4^3
 lattice, 4 steps, one epoch over 120 sentences; random sampler, no pruning) in a fresh store: a new
@@ -10,12 +10,16 @@ embedded SQLite store per configuration. The embedding cache is warmed once befo
 Throughput is measured inside the study, from the first trial's start to the last trial's end, so
 process start-up and data preparation are left out; the wall time of the whole command is shown
 beside it. Ratios are against 1 worker on the same backend, and PostgreSQL against SQLite.
+The two backends run back to back for each worker count, and each configuration ``--repeats``
+times (the table shows medians), so that background load on a shared machine hits both alike:
+tiny trials on few cores are very sensitive to it; the load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,14 +96,15 @@ class PostgresDatabases:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def run_config(backend: str, storage: str, workers: int, trials: int, folder: Path, cache_dir: Path) -> Result:
+def run_config(backend: str, storage: str, workers: int, trials: int, folder: Path, cache_dir: Path,
+               threads: int = 0) -> Result:
     """One ``cnn3d-tune --workers N`` run on a fresh study; throughput from the study's own timestamps."""
     name = f"bench-{backend}-{workers}"
     cmd = [console("cnn3d-tune"), "--name", name, "--storage", storage,
            "--tracking-uri", f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}", "--trials", str(trials),
            "--workers", str(workers), "--param", "train.lr", "--param", "transform.dropout",
            "--sampler", "random", "--pruner", "none", *TINY, "--set", f"data.cache_dir={cache_dir}",
-           "--no-report", "--log-level", "warning"]
+           "--set", f"train.num_threads={threads}", "--no-report", "--log-level", "warning"]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=folder, env=child_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -108,6 +113,19 @@ def run_config(backend: str, storage: str, workers: int, trials: int, folder: Pa
     complete = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.COMPLETE,))
     span = (max(t.datetime_complete for t in complete) - min(t.datetime_start for t in complete)).total_seconds()
     return Result(backend, workers, len(complete), span, wall)
+
+
+def medians(results: list[Result]) -> list[Result]:
+    """One result per (backend, workers): the run with the median throughput."""
+    groups: dict[tuple[str, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.backend, r.workers), []).append(r)
+    chosen = []
+    for key in sorted(groups, key=lambda k: (k[0] != "postgresql", k[1])):
+        runs = sorted(groups[key], key=lambda r: r.per_minute)
+        middle = statistics.median_low([r.per_minute for r in runs])
+        chosen.append(next(r for r in runs if r.per_minute == middle))
+    return chosen
 
 
 def table(results: list[Result]) -> str:
@@ -129,16 +147,21 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2,4", help="Comma-separated worker counts (default 1,2,4).")
     parser.add_argument("--trials", type=int, default=8, help="Finished trials per configuration (default 8).")
     parser.add_argument("--backends", default="postgresql,sqlite", help="postgresql and/or sqlite.")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs per configuration (median shown; default 2).")
     parser.add_argument("--pg", default=os.environ.get("CNN3D_BENCH_PG", "host=127.0.0.1 port=5432 dbname=postgres"),
                         help="libpq conninfo of a PostgreSQL admin connection (databases are created and dropped).")
     parser.add_argument("--cache-dir", default=None, help="Embedding cache folder (default: a temporary one).")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per worker (train.num_threads; default 0: the tuner's cores / workers).")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     backends = [b.strip() for b in args.backends.split(",")]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, optuna {optuna.__version__}; "
-          f"{args.trials} tiny trials per configuration")
+          f"{args.trials} tiny trials per configuration, {args.repeats} run(s) each, "
+          f"torch threads {args.threads or 'cores / workers'}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     pg = PostgresDatabases(args.pg) if "postgresql" in backends else None
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="cnn3d-bench-dist-") as tmp:
@@ -147,20 +170,21 @@ def main() -> int:
         warm_cache(cache_dir)
         print(f"embedding cache warm in {time.perf_counter() - start:.1f} s")
         try:
-            for backend in backends:
-                for workers in counts:
-                    folder = Path(tmp) / f"{backend}-{workers}"
+            for repeat in range(args.repeats):
+                for workers, backend in [(w, b) for w in counts for b in backends]:
+                    folder = Path(tmp) / f"{backend}-{workers}-{repeat}"
                     folder.mkdir()
                     storage = pg.create() if backend == "postgresql" else f"sqlite:///{folder / 'study.db'}"
-                    result = run_config(backend, storage, workers, args.trials, folder, cache_dir)
+                    result = run_config(backend, storage, workers, args.trials, folder, cache_dir, args.threads)
                     results.append(result)
                     print(f"{backend:10s} {workers} worker(s): {result.complete} trials, "
                           f"{result.per_minute:.1f}/min (wall {result.wall_s:.1f} s)", flush=True)
         finally:
             if pg is not None:
                 pg.drop_all()
+    print(f"load average {os.getloadavg()[0]:.2f}")
     print()
-    print(table(results))
+    print(table(medians(results)))
     return 0
 
 

@@ -99,6 +99,7 @@ class TrainingData:
     warmup: torch.Tensor  # [W, T]
     bank: PhraseBank
     cache_metrics: dict[str, float]
+    baselines: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)  # by face size
 
     @property
     def teacher_dim(self) -> int:
@@ -441,13 +442,15 @@ def _optimizer_step(optimizer, scaler, config: Config, factor: float) -> None:
 
 
 def baselines(data: TrainingData, config: Config) -> dict[str, float]:
-    """In-run baselines on the same split: PCA through the face's numbers, and the mean vector."""
+    """In-run baselines on the same split: PCA through the face's numbers, and the mean vector (memoised per data)."""
     k = config.lattice.face_numbers
-    return {
-        "baseline_pca_cosine": M.baseline_pca_cosine(data.train, data.val, k),
-        "baseline_mean_cosine": M.baseline_mean_cosine(data.train, data.val),
-        "face_numbers": float(k),
-    }
+    if k not in data.baselines:
+        data.baselines[k] = {
+            "baseline_pca_cosine": M.baseline_pca_cosine(data.train, data.val, k),
+            "baseline_mean_cosine": M.baseline_mean_cosine(data.train, data.val),
+            "face_numbers": float(k),
+        }
+    return dict(data.baselines[k])
 
 
 def _resume(folder, config: Config, model, optimizer, device) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from cnn3d.errors import UserError
 
 from .space import ParamSpace
 from .spec import Objective, StudySpec
-from .tracking import StudyTracker, resolve_tracking_uri, status_for_state
+from .tracking import StudyTracker, resolve_tracking_uri, status_for_state, with_retries
 
 logger = logging.getLogger(__name__)
 # heartbeats and fail_stale_trials are marked experimental; we rely on them deliberately
@@ -70,12 +70,27 @@ def make_storage(url: str, tracker_args: tuple[str, str] | None = None) -> RDBSt
     elif "://" not in url:
         raise UserError(f"storage {url!r} is not a database URL; use sqlite:///PATH.db or postgresql://USER@HOST/DB")
     callback = StaleTrialRetry(*tracker_args) if tracker_args else RetryHeartbeatStaleTrialCallback(max_retry=3)
+    # workers starting together on a fresh database race to create Optuna's tables: retry
+    return with_retries(
+        lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                           grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=callback),
+        what=f"study storage {_redact(url)}", attempts=1 if _refused(url) else 6,
+    )
+
+
+def _refused(url: str) -> bool:
+    """Whether a network database URL's port refuses connections (no point retrying then)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if url.startswith("sqlite"):
+        return False
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                          grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=callback)
-    except Exception as exc:  # noqa: BLE001 - driver, DNS, auth: all become one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open study storage {_redact(url)}: {first[:200]}") from None
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=3):
+            return False
+    except OSError:
+        return True
 
 
 def _redact(url: str) -> str:
@@ -219,11 +234,18 @@ class ConfigurationTuner:
             logger.info("queued %d sweep trials of %s", queued, spaces[0].key)
         deadline = time.time() + spec.timeout if spec.timeout else None
         args = (spec, self.storage_url, self.tracking_uri, target, deadline, self.device_name, spec.workers)
-        if spec.workers == 1:
-            _worker(*args)
-        else:
-            _run_workers(args, spec.workers)
+        tracker.set_status(parent_id, "RUNNING")
+        try:
+            if spec.workers == 1:
+                _worker(*args)
+            else:
+                _run_workers(args, spec.workers)
+        except KeyboardInterrupt:
+            reconcile_runs(study, tracker)
+            tracker.set_status(parent_id, "KILLED")
+            raise
         summary = self._summarise(spec, study, tracker, parent_id, started)
+        tracker.set_status(parent_id, "FINISHED")
         return summary
 
     def _open(self, spec: StudySpec) -> tuple[optuna.Study, StudyTracker, str]:

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,23 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def with_retries(fn, what: str, attempts: int = 6, first_delay: float = 0.5):
+    """Call ``fn``, retrying with backoff: processes starting together race to create tables and rows."""
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - driver errors of every kind; the last one is reported
+            if attempt == attempts - 1:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"cannot open {what}: {first[:200]}") from None
+            logger.debug("retrying %s after %s", what, exc)
+            time.sleep(delay)
+            delay *= 2
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
@@ -77,7 +95,7 @@ class StudyTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.study_name = study_name
         self.system_metrics = system_metrics
-        self.experiment_id = self._experiment()
+        self.experiment_id = with_retries(self._experiment, what=f"the MLflow tracking store {tracking_uri}")
 
     # -- experiment and parent run
 
@@ -91,27 +109,35 @@ class StudyTracker:
             if self.tracking_uri.startswith("sqlite:///"):
                 artifacts = (Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
             return self.client.create_experiment(name, artifact_location=artifacts, tags={"cnn3d.study": self.study_name})
-        except Exception as exc:  # noqa: BLE001 - a concurrent worker may have created it first
+        except Exception:  # a concurrent worker may have created it first
             found = self.client.get_experiment_by_name(name)
             if found is not None:
                 return found.experiment_id
-            raise UserError(f"cannot reach the MLflow tracking store {self.tracking_uri}: {str(exc).splitlines()[0]}") from None
+            raise
+
+    def _parent_runs(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`cnn3d.role` = '{PARENT_ROLE}'", max_results=50,
+            order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
+        )
 
     def parent_run_id(self, create: bool = True) -> str | None:
-        """The study's parent run (found by tag, so every worker and every resume shares one)."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`cnn3d.role` = '{PARENT_ROLE}'", max_results=1,
-            order_by=["attributes.start_time ASC"],
-        )
-        if runs:
-            return runs[0].info.run_id
-        if not create:
-            return None
-        run = self.client.create_run(
+        """The study's parent run (found by tag, so every worker and every resume shares one).
+
+        Two commands starting at once may both create one; each then keeps the earliest
+        and deletes its own duplicate, so all of them agree on a single parent.
+        """
+        runs = self._parent_runs()
+        if runs or not create:
+            return runs[0].info.run_id if runs else None
+        mine = self.client.create_run(
             self.experiment_id, run_name=self.study_name,
             tags={"cnn3d.role": PARENT_ROLE, "cnn3d.study": self.study_name, "cnn3d.git_commit": git_commit()},
-        )
-        return run.info.run_id
+        ).info.run_id
+        first = self._parent_runs()[0].info.run_id
+        if first != mine:
+            self.client.delete_run(mine)
+        return first
 
     # -- trial runs
 
@@ -172,17 +198,18 @@ class StudyTracker:
     # -- study summary
 
     def log_best(self, parent_id: str, params: dict[str, Any], metrics: dict[str, float], trial_number: int) -> None:
-        """Copy the best trial's params and final metrics onto the study's parent run."""
-        existing = self.client.get_run(parent_id).data.params
-        fresh = [Param(f"best.{k}", _param_value(v)) for k, v in params.items()]
-        # MLflow params are immutable: only log keys not yet set (a resumed study keeps its first best params)
-        fresh = [p for p in fresh if p.key not in existing]
-        for i in range(0, len(fresh), MAX_BATCH):
-            self.client.log_batch(parent_id, params=fresh[i : i + MAX_BATCH])
+        """The best trial so far on the study's parent run: its params as ``best.<key>`` tags (tags, unlike
+        params, can change when a later run finds a better trial) and its final metrics as ``best_<name>``."""
+        tags = [RunTag(f"best.{k}", _param_value(v)) for k, v in params.items()]
+        tags.append(RunTag("cnn3d.best_trial", str(trial_number)))
         ts = _now_ms()
         metrics_list = [Metric(f"best_{k}", float(v), ts, trial_number) for k, v in metrics.items()
                         if isinstance(v, (int, float))]
-        self.client.log_batch(parent_id, metrics=metrics_list, tags=[RunTag("cnn3d.best_trial", str(trial_number))])
+        self.client.log_batch(parent_id, metrics=metrics_list, tags=tags)
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """RUNNING while a command works on the study, FINISHED or KILLED when it stops."""
+        self.client.update_run(run_id, status=status)
 
     def ui_url(self, base: str, run_id: str | None = None) -> str:
         """Link into the MLflow UI served at ``base`` (e.g. http://127.0.0.1:5000)."""

@@ -303,9 +303,3 @@ def tune_command(embedding_cache: WarmCache):
 def unique_name(prefix: str) -> str:
     """A study name no other test (or earlier session) uses."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def study_name(request) -> str:
-    """A unique study name derived from the test's name."""
-    return unique_name(request.node.name.replace("_", "-")[:40])
