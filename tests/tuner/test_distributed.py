@@ -149,7 +149,7 @@ def test_best_trial_agrees_between_optuna_and_mlflow(shared_study):
     assert parent.data.tags["cnn3d.best_trial"] == str(best.number)
     assert math.isclose(parent.data.metrics["best_val_cosine"], best.value, rel_tol=1e-6)
     for key, value in best.params.items():
-        assert math.isclose(float(parent.data.params[f"best.{key}"]), float(value), rel_tol=1e-6), key
+        assert math.isclose(float(parent.data.tags[f"best.{key}"]), float(value), rel_tol=1e-6), key
 
 
 def test_optuna_dashboard_lists_the_study(shared_study, processes):
