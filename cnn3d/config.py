@@ -517,8 +517,8 @@ def load_config(path: str | Path, base: Config | None = None) -> Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # 8x8x8, one number per face cell: seconds per epoch on a laptop CPU.
     "test": {},
-    # 8x8 face is a tight bottleneck (see BENCHMARKS.md); a 16x16 face at depth 8.
-    "wide": {"lattice.size": 16, "lattice.depth": 8, "lattice.steps": 8},
+    # the 8x8 face is a tight bottleneck (see BENCHMARKS.md); a 16x16 face at depth 8.
+    "wide": {"lattice.size": 16, "lattice.depth": 8, "lattice.steps": 8, "train.lr": 6e-3},
     # The plan's full size: 37x37x37, face 37x37 = 1369 numbers.
     "full": {
         "lattice.size": 37,

@@ -27,9 +27,12 @@ def tiny(warm_cache):
 
 
 def test_overfits_a_few_dozen_sentences_end_to_end(warm_cache):
-    """Guards the whole path: teacher -> face -> lattice -> back face -> teacher space, trained."""
+    """Guards the whole path: teacher -> face -> lattice -> back face -> teacher space, trained.
+
+    30 sentences (one batch) are trained on and validated on; a minute or less on 2 quiet cores.
+    """
     config = with_overrides(preset("test"), {
-        "data.cache_dir": str(warm_cache), "data.max_sentences": 40, "train.main_epochs": 120, "train.lr": 1e-2,
+        "data.cache_dir": str(warm_cache), "data.max_sentences": 30, "train.batch_size": 30, "train.main_epochs": 120, "train.lr": 1e-2,
         "train.eval_every": 120, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.emergence": 0.0,
     })
     data = prepare_data(config, torch.device("cpu"))

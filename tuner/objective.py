@@ -107,7 +107,9 @@ class TrialRunner:
             self._finish(trial, run_id, "FAIL", history, reason="interrupted (Ctrl-C)", status="KILLED")
             raise
         except Exception as exc:
-            self._finish(trial, run_id, "FAIL", history, reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            logger.warning("trial %d failed: %s", trial.number, reason)
+            self._finish(trial, run_id, "FAIL", history, reason=reason)
             raise
 
     def _epoch_callback(self, trial: optuna.Trial, run_id: str, history: list):

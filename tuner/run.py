@@ -371,7 +371,8 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
     """Run trials until the study holds ``target`` finished trials (shared by every worker of the study)."""
     from .objective import TrialRunner
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs every failed trial with a traceback; the objective logs one line with the reason instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     threads = max(1, (os.cpu_count() or 1) // workers)
     torch.set_num_threads(threads)
     name = spec.study_name()

@@ -176,7 +176,7 @@ class StudyTracker:
         return self.client.get_run(run_id).info.status
 
     @contextmanager
-    def system_metrics_for(self, run_id: str, interval: float = 2.0):
+    def system_metrics_for(self, run_id: str, interval: float = 1.0):
         """CPU, memory (and GPU when present) sampled into the run while the block runs."""
         if not self.system_metrics:
             yield
