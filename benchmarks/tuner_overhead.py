@@ -1,6 +1,6 @@
 """Cost of the tuner itself: Optuna + MLflow overhead per trial, and trials/minute with 1 vs 2 workers.
 
-    python benchmarks/tuner.py                 # ~10 s trials on the test preset, 2 cores
+    python benchmarks/tuner_overhead.py                # ~10 s trials on the test preset, 2 cores
 
 Overhead = (study wall time - time inside cnn3d.train, data preparation included) / study wall
 time, over a study of ~10 s trials run by one worker: what Optuna's storage, MLflow logging,
