@@ -171,16 +171,30 @@ def sweep_points(space: ParamSpace, trials: int, seeds: int) -> list[tuple[Any, 
 
 
 def enqueue_sweep(study: optuna.Study, space: ParamSpace, trials: int, seeds: int, base_seed: int) -> int:
-    """Queue a sweep's trials (minus ones an interrupted run left waiting); returns how many were queued."""
+    """Queue a sweep's trials; returns how many were queued.
+
+    Points an interrupted run left waiting count towards ``trials``, and points whose trial
+    was interrupted (Ctrl-C) are queued again first, so a resumed sweep completes its grid.
+    """
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    wanted = trials - waiting
+    requeued = set(study.user_attrs.get("requeued_trials", []))
+    interrupted = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.user_attrs.get("fail_reason", "").startswith("interrupted") and t.number not in requeued
+        and space.key in t.params
+    ][: max(0, trials - waiting)]
+    for t in interrupted:
+        study.enqueue_trial(t.params, user_attrs={"train.seed": t.user_attrs.get("train.seed", base_seed)})
+    if interrupted:
+        study.set_user_attr("requeued_trials", sorted(requeued | {t.number for t in interrupted}))
+    wanted = trials - waiting - len(interrupted)
     if wanted <= 0:
-        return 0
+        return len(interrupted)
     seeds_used = [t.user_attrs.get("train.seed") for t in study.get_trials(deepcopy=False)]
     next_seed = max((s for s in seeds_used if s is not None), default=base_seed - 1) + 1  # resumed: fresh seeds
     for value, repeat in sweep_points(space, wanted, seeds):
         study.enqueue_trial({space.key: value}, user_attrs={"train.seed": next_seed + repeat})
-    return wanted
+    return wanted + len(interrupted)
 
 
 # --------------------------------------------------------------------------- results
