@@ -54,6 +54,7 @@ __all__ = [
     "hash_unit",
     "heldout_sentences",
     "load_corpus",
+    "read_phrase_file",
     "read_corpus_texts",
     "split_by_hash",
     "text_difficulties",
@@ -364,6 +365,16 @@ def load_corpus(data_cfg: DataConfig, *, min_sentences: int = 1, seed: int = 0) 
 
 
 # --------------------------------------------------------------------------- curriculum
+
+
+def read_phrase_file(path: str) -> list[str]:
+    """Non-empty stripped lines of a text file (extra phrases for the decoder's bank); ``""`` gives none."""
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"data.decode_bank={path} does not exist; give a text file with one phrase per line")
+    return [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
 
 
 def curriculum_subset(texts: Sequence[str], difficulties: Sequence[float], fraction: float) -> list[str]:

@@ -83,7 +83,7 @@ def decode_with_checkpoint(checkpoint: str, texts: list[str], bank_file: str | N
     from .cache import EmbeddingCache, embed_with_cache
     from .checkpoint import load_weights, read_checkpoint_meta
     from .config import with_overrides
-    from .data import builtin_sentences, load_corpus
+    from .data import builtin_sentences, load_corpus, read_phrase_file
     from .device import resolve_device
     from .model import build_model
     from .teacher import load_teacher
@@ -94,11 +94,7 @@ def decode_with_checkpoint(checkpoint: str, texts: list[str], bank_file: str | N
     device = resolve_device(config.train.device)
     teacher = load_teacher(config.teacher, device)
     cache = EmbeddingCache.from_config(config.data)
-    extra = []
-    if config.data.decode_bank:
-        from .train import _read_bank_file
-
-        extra = _read_bank_file(config.data.decode_bank)
+    extra = read_phrase_file(config.data.decode_bank)
     bank_texts = list(dict.fromkeys(load_corpus(config.data).validation + builtin_sentences() + extra + texts))
     bank = build_bank(bank_texts, embed_with_cache(teacher, bank_texts, cache))
     model = build_model(config, int(meta["teacher_dim"])).to(device).eval()

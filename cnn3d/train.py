@@ -29,10 +29,9 @@ from . import metrics as M
 from .cache import EmbeddingCache, embed_with_cache
 from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
 from .config import Config, flatten
-from .data import builtin_sentences, curriculum_fraction, load_corpus
+from .data import builtin_sentences, curriculum_fraction, load_corpus, read_phrase_file
 from .decode import PhraseBank, build_bank
 from .device import autocast, autocast_dtype, resolve_device
-from .errors import UserError
 from .losses import total_loss
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
@@ -115,7 +114,7 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
     warmup_texts: list[str] = []
     if config.train.warmup_epochs and config.train.warmup_synthetic:
         warmup_texts = [text for text, _ in generate_sentences(config.data.synthetic_sentences, config.train.seed)]
-    extra_bank = _read_bank_file(config.data.decode_bank)
+    extra_bank = read_phrase_file(config.data.decode_bank)
     bank_texts = list(dict.fromkeys(corpus.validation + builtin_sentences() + extra_bank))
     everything = list(dict.fromkeys(corpus.train + corpus.validation + warmup_texts + bank_texts))
     teacher = load_teacher(config.teacher, device)
@@ -138,15 +137,6 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
         bank=build_bank(bank_texts, take(bank_texts)),
         cache_metrics=cache_metrics,
     )
-
-
-def _read_bank_file(path: str) -> list[str]:
-    if not path:
-        return []
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"data.decode_bank={path} does not exist; give a text file with one phrase per line")
-    return [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- optimisation

@@ -79,6 +79,8 @@ class TrialRunner:
         values = self.sampled_values(trial)
         flat = {**flatten(self.base_config), **values}  # as sampled, even if the config rejects it
         tags = {"cnn3d.optuna_state": "RUNNING"}
+        # Optuna keeps a retried trial's origin in system attrs, which Trial does not expose publicly;
+        # reading this one trial's attrs avoids loading every trial of the study
         retry_of = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retry_of is not None:
             tags["cnn3d.retry_of"] = str(retry_of)

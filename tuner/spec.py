@@ -164,7 +164,7 @@ def _coerce_spec_value(key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
             raise UserError(f"{key} must be a list of strings")
         if key == "params":
-            return [_param_text(v) for v in value]
+            return [str(v) for v in value]
         return [str(v) for v in value]
     if key == "set":
         if not isinstance(value, dict):
@@ -175,7 +175,3 @@ def _coerce_spec_value(key: str, value: Any) -> Any:
     if key == "timeout" and value is not None and not isinstance(value, (int, float)):
         raise UserError(f"timeout must be a number of seconds, got {value!r}")
     return value
-
-
-def _param_text(value: Any) -> str:
-    return str(value)
