@@ -76,6 +76,28 @@ def run_cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+ABORT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, the shell's code for an interrupted command
+
+
+def _main_one_line(call: Callable[[], Any]) -> Any:
+    """Run a click ``main(standalone_mode=False)`` call; every error a user can cause ends as one line.
+
+    Usage errors and ``UserError`` exit 2 (or the error's own code), Ctrl-C (click's ``Abort``) exits 130,
+    the shell's code for an interrupted command. ``CliGroup`` and ``standalone`` (every cnn3d and tuner
+    command) share this, so the same fault gives the same exit code everywhere.
+    """
+    try:
+        return call()
+    except click.UsageError as exc:
+        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("interrupted", ABORT_EXIT_CODE)
+    except UserError as exc:
+        fail(str(exc), exc.exit_code)
+
+
 class CliGroup(click.Group):
     """A click group whose usage errors, like ``UserError``, print one ``error: ...`` line and exit 2."""
 
@@ -83,16 +105,8 @@ class CliGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            fail(f"{exc.format_message()} (see --help)", exc.exit_code)
-        except click.ClickException as exc:
-            fail(exc.format_message(), exc.exit_code)
-        except click.Abort:
-            fail("aborted", 1)
-        except UserError as exc:
-            fail(str(exc), exc.exit_code)
+        rv = _main_one_line(lambda: super(CliGroup, self).main(args, prog_name, complete_var, standalone_mode=False,
+                                                              **extra))
         # Without standalone mode click returns the exit code of ctx.exit()/--help; commands return None.
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -225,16 +239,12 @@ def cache_clear(config_path: str | None, assignments: tuple[str, ...], cache_dir
 
 
 def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, examples: list[dict]) -> None:
-    import json
-    from pathlib import Path
-
+    from .checkpoint import write_json_file
     from .config import flatten
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**metrics, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()},
                "examples": examples}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json_file(path, payload)  # strict JSON (non-finite metrics become null), written through a rename
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -261,6 +271,10 @@ def train_cli(preset_name, corpus, out_dir, resume_from, metrics_json, progress,
     from .train import NonFiniteLoss, train
 
     config = build_config(config_path, assignments, {"data.corpus": corpus} if corpus else {}, preset_name)
+    if metrics_json:  # fail now, not after the training time is spent (train() checks --out and --resume)
+        from .checkpoint import check_output_file
+
+        check_output_file(metrics_json, "--metrics-json")
     try:
         result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress)
     except NonFiniteLoss as exc:
@@ -323,14 +337,5 @@ def decode_main() -> None:
 
 
 def standalone(command: click.Command) -> None:
-    """Run a click command with usage errors reported as one line and exit code 2."""
-    try:
-        command.main(standalone_mode=False)
-    except click.UsageError as exc:
-        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
-    except click.ClickException as exc:
-        fail(exc.format_message(), exc.exit_code)
-    except click.Abort:
-        fail("aborted", 130)
-    except UserError as exc:
-        fail(str(exc), exc.exit_code)
+    """Run a click command with usage errors reported as one line and exit code 2 (Ctrl-C: 130)."""
+    _main_one_line(lambda: command.main(standalone_mode=False))

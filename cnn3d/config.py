@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -372,6 +373,9 @@ def check_value(spec: FieldSpec, value: Any) -> None:
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"{spec.key}={value!r} is not one of {', '.join(map(str, spec.choices))}")
     numeric = spec.type in (int, float) and not isinstance(value, bool)
+    if numeric and isinstance(value, float) and not math.isfinite(value):  # NaN passes every < and > test
+        allowed = f" in [{spec.low}, {spec.high}]" if spec.low is not None or spec.high is not None else ""
+        raise ConfigError(f"{spec.key}={value!r} is not a finite number; give a number{allowed}")
     if numeric and (spec.low is not None and value < spec.low or spec.high is not None and value > spec.high):
         raise ConfigError(f"{spec.key}={value!r} is out of range [{spec.low}, {spec.high}]")
 
@@ -394,6 +398,13 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "train.curriculum_end_difficulty must be >= train.curriculum_start_difficulty "
             f"(got {config.train.curriculum_end_difficulty} < {config.train.curriculum_start_difficulty})"
+        )
+    if (config.lattice.boundary == "periodic" and "functional" in config.moe.experts
+            and config.moe.functional_radius > min(config.lattice.dims)):
+        raise ConfigError(
+            f"moe.functional_radius={config.moe.functional_radius} exceeds the smallest lattice side "
+            f"{min(config.lattice.dims)} with lattice.boundary=periodic (it would wrap more than once); "
+            f"use a radius <= {min(config.lattice.dims)} or lattice.boundary=zero"
         )
     if config.data.max_words < config.data.min_words:
         raise ConfigError(f"data.max_words={config.data.max_words} must be >= data.min_words={config.data.min_words}")
@@ -485,7 +496,7 @@ def save_config(config: Config, path: str | Path) -> Path:
 
         text = yaml.safe_dump(data, sort_keys=False)
     else:
-        text = json.dumps(data, indent=2) + "\n"
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"  # strict JSON: validation rejects NaN/inf
     path.write_text(text)
     return path
 

@@ -53,14 +53,14 @@ class FaceIO(nn.Module):
 class LatticeStudent(nn.Module):
     """Maps ``[B, teacher_dim]`` to ``[B, teacher_dim]`` through a 3D lattice of identical cells."""
 
-    def __init__(self, config: Config, teacher_dim: int):
+    def __init__(self, config: Config, teacher_dim: int, *, checkpointing: bool = False):
         super().__init__()
         lat = config.lattice
         self.dims = lat.dims
         self.steps = lat.steps
         self.state_size = lat.state_size
         self.inject_every_step = lat.inject == "every_step"
-        self.checkpointing = config.train.gradient_checkpointing
+        self.checkpointing = checkpointing  # recompute steps in backward (a training setting, passed in)
         self.teacher_dim = teacher_dim
         _, h, w = self.dims
         self.transform = EmbeddingTransformer(config.transform, teacher_dim, (lat.face_channels, h, w))
@@ -132,12 +132,21 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def build_model(config: Config, teacher_dim: int) -> LatticeStudent:
-    """The student for ``config``, seeded by ``train.seed`` (deterministic weights)."""
+def build_model(
+    config: Config, teacher_dim: int, *, seed: int | None = None, gradient_checkpointing: bool | None = None
+) -> LatticeStudent:
+    """The student for ``config`` with deterministic weights from ``seed``.
+
+    The model reads only the model sections of ``config``; the two training settings it needs are
+    passed in (the trainer does). Left as None they default to ``train.seed`` and
+    ``train.gradient_checkpointing``, for scripts and tests that build a model from a config alone.
+    """
     if config.teacher.embedding_dim and config.teacher.embedding_dim != teacher_dim:
         raise ValueError(
             f"teacher.embedding_dim={config.teacher.embedding_dim} but the teacher produces {teacher_dim}-D embeddings"
         )
+    seed = config.train.seed if seed is None else seed
+    checkpointing = config.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        return LatticeStudent(config, teacher_dim)
+        torch.manual_seed(seed)
+        return LatticeStudent(config, teacher_dim, checkpointing=checkpointing)

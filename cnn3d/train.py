@@ -27,10 +27,18 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .cache import EmbeddingCache, embed_with_cache
-from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_output_folder,
+    load_optimizer,
+    load_weights,
+    open_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, flatten
-from .data import builtin_sentences, curriculum_fraction, load_corpus, read_phrase_file
-from .decode import PhraseBank, build_bank
+from .data import curriculum_indices, curriculum_fraction, load_corpus
+from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
 from .model import LatticeStudent, build_model
@@ -114,9 +122,8 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
     warmup_texts: list[str] = []
     if config.train.warmup_epochs and config.train.warmup_synthetic:
         warmup_texts = [text for text, _ in generate_sentences(config.data.synthetic_sentences, config.train.seed)]
-    extra_bank = read_phrase_file(config.data.decode_bank)
-    bank_texts = list(dict.fromkeys(corpus.validation + builtin_sentences() + extra_bank))
-    everything = list(dict.fromkeys(corpus.train + corpus.validation + warmup_texts + bank_texts))
+    bank = bank_texts(corpus, config.data)
+    everything = list(dict.fromkeys(corpus.train + corpus.validation + warmup_texts + bank))
     teacher = load_teacher(config.teacher, device)
     cache = EmbeddingCache.from_config(config.data)
     vectors = embed_with_cache(teacher, everything, cache, progress=progress)
@@ -134,7 +141,7 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
         difficulty=torch.tensor(corpus.difficulty(corpus.train), dtype=torch.float32),
         warmup_texts=warmup_texts,
         warmup=take(warmup_texts),
-        bank=build_bank(bank_texts, take(bank_texts)),
+        bank=build_bank(bank, take(bank)),
         cache_metrics=cache_metrics,
     )
 
@@ -188,8 +195,7 @@ def epoch_texts(data: TrainingData, config: Config, phase: str, main_index: int)
         fraction = curriculum_fraction(
             main_index, t.main_epochs, t.curriculum_start_difficulty, t.curriculum_end_difficulty
         )
-        keep = max(t.batch_size, math.ceil(fraction * len(data.train_texts)))
-        return data.difficulty.argsort(stable=True)[:keep].sort().values
+        return torch.tensor(curriculum_indices(data.difficulty.tolist(), fraction, minimum=t.batch_size))
     return torch.arange(len(data.train_texts))
 
 
@@ -291,9 +297,14 @@ def train(
     every epoch; ``resume_from`` continues from one (weights, optimiser, epoch).
     ``data`` may be passed to reuse prepared embeddings across calls.
     """
+    # Checked before any data is embedded or epoch run: a bad --out or --resume costs no training time.
+    if out_dir is not None:
+        check_output_folder(out_dir)
+    resume = _open_resume(resume_from, config) if resume_from is not None else None
     device = device or resolve_device(config.train.device)
     show = _show_progress(progress)
     previous_threads = torch.get_num_threads()
+    previous_flush = _flush_denormal_enabled()
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     if device.type == "cpu":
@@ -301,9 +312,15 @@ def train(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.train.seed)
-            return _train(config, device, callbacks, out_dir, resume_from, show, data)
+            return _train(config, device, callbacks, out_dir, resume, show, data)
     finally:
         torch.set_num_threads(previous_threads)
+        torch.set_flush_denormal(previous_flush)
+
+
+def _flush_denormal_enabled() -> bool:
+    """Whether denormal floats are flushed to zero now (torch has a setter but no getter)."""
+    return (torch.tensor([2.0**-130]) * 1.5).item() == 0.0  # 2^-130 is a float32 denormal
 
 
 @dataclass
@@ -322,13 +339,14 @@ class _Loop:
     cpu_peak: float = 0.0
 
 
-def _train(config, device, callbacks, out_dir, resume_from, show, data) -> TrainResult:
+def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
     started = time.perf_counter()
     data = data or prepare_data(config, device, progress=show)
-    model = build_model(config, data.teacher_dim).to(device)
+    model = build_model(config, data.teacher_dim, seed=config.train.seed,
+                        gradient_checkpointing=config.train.gradient_checkpointing).to(device)
     optimizer = build_optimizer(model, config)
     plan = epoch_plan(config)
-    first_epoch, step = _resume(resume_from, config, model, optimizer, device) if resume_from else (0, 0)
+    first_epoch, step = _resume(resume, model, optimizer, device, data.teacher_dim) if resume else (0, 0)
     dtype = autocast_dtype(config.train.precision, device)
     per_step = config.train.batch_size * config.train.grad_accum_steps
     main_index = [plan[:e].count("main") for e in range(len(plan))]
@@ -443,14 +461,44 @@ def baselines(data: TrainingData, config: Config) -> dict[str, float]:
     return dict(data.baselines[k])
 
 
-def _resume(folder, config: Config, model, optimizer, device) -> tuple[int, int]:
-    saved_config, meta = read_checkpoint_meta(folder)
-    if flatten(saved_config) != flatten(config):
-        differing = sorted(k for k, v in flatten(config).items() if flatten(saved_config)[k] != v)
+# Sections and keys that fix the model's shapes and parameter groups: resuming needs them unchanged.
+_MODEL_SECTIONS = ("teacher", "transform", "lattice", "moe")
+_MODEL_KEYS = ("train.freeze_transforms",)
+_FREE_KEYS = ("teacher.batch_size",)  # how the teacher is batched changes nothing saved
+
+
+def _open_resume(folder, config: Config) -> Checkpoint:
+    """Verify a checkpoint to resume from against ``config``; a mismatch is one line naming the keys."""
+    ckpt = open_checkpoint(folder)
+    saved, now = flatten(ckpt.config), flatten(config)
+    differing = sorted(k for k, v in now.items() if saved[k] != v)
+    fixed = [k for k in differing if (k.split(".", 1)[0] in _MODEL_SECTIONS or k in _MODEL_KEYS) and k not in _FREE_KEYS]
+    if fixed:
+        shown = ", ".join(f"{k} ({saved[k]!r} in the checkpoint, {now[k]!r} now)" for k in fixed[:4])
+        more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""
+        raise CheckpointError(
+            f"cannot resume from {ckpt.folder}: the model config differs in {shown}{more}; "
+            f"pass the same settings (e.g. --config {ckpt.folder / 'config.json'}) or train into a new --out"
+        )
+    if differing:
         logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
-    load_weights(folder, model, device)
-    load_optimizer(folder, optimizer, device)
-    return int(meta.get("epochs_done", 0)), int(meta.get("step", 0))
+    if ckpt.epochs_done >= config.total_epochs:
+        raise CheckpointError(
+            f"checkpoint {ckpt.folder} has already done {ckpt.epochs_done} of {config.total_epochs} epochs; "
+            "raise train.main_epochs (or fine_tune_epochs) to continue training"
+        )
+    return ckpt
+
+
+def _resume(ckpt: Checkpoint, model, optimizer, device, teacher_dim: int) -> tuple[int, int]:
+    if ckpt.teacher_dim != teacher_dim:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.folder}: it was trained on {ckpt.teacher_dim}-D teacher embeddings, "
+            f"this teacher gives {teacher_dim}-D"
+        )
+    load_weights(ckpt, model, device)
+    load_optimizer(ckpt, optimizer, device)
+    return ckpt.epochs_done, ckpt.step
 
 
 def _log_epoch(metrics: dict[str, Any], phase: str, total: int) -> None:
