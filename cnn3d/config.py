@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import types
 import typing
@@ -163,7 +164,8 @@ class LossConfig:
     reconstruction: float = param(1.0, "MSE to the teacher embedding.", low=0.0, high=10.0)
     cosine: float = param(1.0, "1 - cosine similarity to the teacher embedding.", low=0.0, high=10.0)
     diversity: float = param(0.1, "Penalty on a batch of outputs collapsing onto one vector.", low=0.0, high=5.0)
-    emergence: float = param(0.01, "Sparse activity plus expert load balance (never rewards worse reconstruction).", low=0.0, high=1.0)
+    sparsity: float = param(0.01, "L1 on cell activity (mean |state|): pushes towards sparse activations.", low=0.0, high=1.0)
+    load_balance: float = param(0.01, "Expert load balance (E * sum usage^2 - 1); 0 lets the gate favour experts freely.", low=0.0, high=1.0)
     triplet: float = param(0.0, "Triplet loss over teacher-space neighbours.", low=0.0, high=5.0)
     triplet_margin: float = param(0.1, "Cosine margin of the triplet loss.", low=0.0, high=1.0)
 
@@ -201,6 +203,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", "Where to train; auto picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"), tune=False)
     num_threads: int = param(0, "Torch CPU threads (0 = leave torch's default).", low=0, high=1024, tune=False)
     eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
+    emergence_nulls: bool = param(True, "Measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
 
 
 @dataclass(frozen=True)
@@ -437,7 +440,7 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
     """
     specs = field_specs()
     per_section: dict[str, dict[str, Any]] = {}
-    for key, value in overrides.items():
+    for key, value in _expand_deprecated(overrides).items():
         if key not in specs:
             raise ConfigError(unknown_key_message(key, specs))
         spec = specs[key]
@@ -449,6 +452,21 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
         section: dataclasses.replace(getattr(config, section), **changes) for section, changes in per_section.items()
     }
     return dataclasses.replace(config, **replaced)
+
+
+# old key -> the keys it now sets to the same value (the old term was exactly their sum)
+DEPRECATED_KEYS = {"loss.emergence": ("loss.sparsity", "loss.load_balance")}
+
+
+def _expand_deprecated(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace deprecated keys by their successors (explicit successor values win), warning once per key."""
+    out = {k: v for k, v in overrides.items() if k not in DEPRECATED_KEYS}
+    for old, new_keys in DEPRECATED_KEYS.items():
+        if old in overrides:
+            logging.getLogger(__name__).warning("%s is deprecated; it sets %s", old, " and ".join(new_keys))
+            for key in new_keys:
+                out.setdefault(key, overrides[old])
+    return out
 
 
 def parse_assignments(items: typing.Iterable[str]) -> dict[str, str]:

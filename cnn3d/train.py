@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .analysis import CubeResponses, EmergenceNulls, emergence_values, emergence_with_nulls, null_metric_names
 from .cache import EmbeddingCache, embed_with_cache
 from .checkpoint import (
     Checkpoint,
@@ -37,7 +38,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, flatten
-from .data import curriculum_indices, curriculum_fraction, load_corpus
+from .data import curriculum_fraction, curriculum_indices, load_corpus
 from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
@@ -55,10 +56,10 @@ EMERGENCE_SAMPLES = 512  # validation samples used for the O(N^2)/SVD emergence 
 REPORTED_METRICS = (
     "train_loss", "lr", "train_sentences", "throughput_samples_per_s", "cell_steps_per_s", "epoch_seconds",
     "peak_memory_mb", "cache_hit_rate", "val_loss", "val_mse", "val_cosine", "val_loss_reconstruction",
-    "val_loss_cosine", "val_loss_diversity", "val_loss_emergence", "val_loss_triplet", "decode_top1", "decode_top5",
+    "val_loss_cosine", "val_loss_diversity", "val_loss_sparsity", "val_loss_load_balance", "val_loss_triplet", "decode_top1", "decode_top5",
     "baseline_pca_cosine", "baseline_mean_cosine", "face_numbers", "effective_dim", "mutual_info_front_back",
     "cell_specialization", "expert_usage_entropy", "embedding_norm_mean", "embedding_norm_std",
-    "activation_sparsity", "rsa_teacher",
+    "activation_sparsity", "rsa_teacher", *null_metric_names(),
 )
 
 
@@ -203,10 +204,15 @@ def epoch_texts(data: TrainingData, config: Config, phase: str, main_index: int)
 
 
 @torch.no_grad()
-def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: torch.device, dtype) -> dict:
-    """Validation metrics, baselines computed on the same split, and emergence metrics."""
+def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: torch.device, dtype,
+             nulls: EmergenceNulls | None = None) -> dict:
+    """Validation metrics, baselines computed on the same split, and emergence metrics.
+
+    With ``nulls`` (built once per run by ``emergence_nulls``) every emergence metric also gets
+    its untrained-cube and shuffled-control nulls, excess and bootstrap std (``cnn3d.analysis``).
+    """
     model.eval()
-    outs, faces_in, faces_out, backs, gates, states = [], [], [], [], [], []
+    outs, responses = [], []
     parts: dict[str, float] = {}
     total = 0.0
     batches = 0
@@ -221,12 +227,8 @@ def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: 
         for k, v in comps.items():
             parts[k] = parts.get(k, 0.0) + v.item()
         outs.append(pred.cpu())
-        faces_in.append(out.face_in.float().flatten(1).cpu())
-        faces_out.append(out.face_out.float().flatten(1).cpu())
-        backs.append(out.state[:, :, -1].float().flatten(1).cpu())
-        gates.append(out.gates.float().cpu())
-        if sum(s.shape[0] for s in states) < EMERGENCE_SAMPLES:
-            states.append(out.state.float().cpu())
+        if start < EMERGENCE_SAMPLES:
+            responses.append(CubeResponses.from_output(out))
     pred = torch.cat(outs)
     result = {
         "val_loss": total / batches,
@@ -235,32 +237,29 @@ def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: 
         **{f"val_{k}": v / batches for k, v in parts.items()},
     }
     result["decode_top1"], result["decode_top5"] = data.bank.accuracy(pred, data.val_texts, k=5)
-    result.update(emergence_metrics(model, pred, data.val, faces_in, faces_out, backs, gates, states))
+    trained = CubeResponses.cat(responses, EMERGENCE_SAMPLES)
+    result.update(emergence_metrics(model, pred, data.val, trained))
+    if nulls is not None:
+        result.update(emergence_with_nulls(model, trained, nulls, config.train.batch_size, device, dtype))
     examples = [e.as_dict() for e in data.bank.examples(pred, data.val_texts, n=8)]
     return {"metrics": result, "examples": examples}
 
 
-def emergence_metrics(model, pred, teacher, faces_in, faces_out, backs, gates, states) -> dict[str, float]:
-    n = EMERGENCE_SAMPLES
-    front, back_face = torch.cat(faces_in)[:n], torch.cat(faces_out)[:n]
-    back_states = torch.cat(backs)[:n]
-    gate = torch.cat(gates)  # [N, E, D, H, W]
-    state = torch.cat(states)[:n]  # [n, C, D, H, W]
-    usage = gate.mean(dim=(0, 2, 3, 4))
-    cell_response = state.abs().mean(1).flatten(1)  # [n, cells]
-    result = {
-        "effective_dim": M.effective_dim(back_states),
-        "mutual_info_front_back": M.mutual_info_gaussian(front, back_face),
-        "cell_specialization": M.cell_specialization(cell_response),
-        "expert_usage_entropy": M.usage_entropy(usage),
-        "embedding_norm_mean": pred.norm(dim=1).mean().item(),
-        "embedding_norm_std": pred.norm(dim=1).std().item() if pred.shape[0] > 1 else 0.0,
-        "activation_sparsity": M.activation_sparsity(state),
-        "rsa_teacher": M.rsa(pred[:n], teacher[:n]),
-    }
-    for name, share in zip(model.expert_names, usage.tolist()):
+def emergence_metrics(model, pred: torch.Tensor, teacher: torch.Tensor, trained: CubeResponses) -> dict[str, float]:
+    """The raw emergence metrics on the first ``EMERGENCE_SAMPLES`` validation sentences, plus norms and usage."""
+    result = emergence_values(trained, teacher[: len(trained)])
+    result["embedding_norm_mean"] = pred.norm(dim=1).mean().item()
+    result["embedding_norm_std"] = pred.norm(dim=1).std().item() if pred.shape[0] > 1 else 0.0
+    for name, share in zip(model.expert_names, trained.usage.mean(0).tolist()):
         result[f"expert_usage_{name}"] = share
     return result
+
+
+def emergence_nulls(config: Config, data: TrainingData, device: torch.device, dtype) -> EmergenceNulls:
+    """The untrained cube (same seed, initial weights) run once over the validation sentences, and the controls."""
+    untrained = build_model(config, data.teacher_dim).to(device)
+    return EmergenceNulls.build(untrained, data.val[:EMERGENCE_SAMPLES], config.train.batch_size, device, dtype,
+                                seed=config.train.seed)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -355,6 +354,7 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
                  torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
                  total, max(1, total // 20), step, _peak_rss_mb(0.0))
     generator = torch.Generator().manual_seed(config.train.seed)
+    nulls = emergence_nulls(config, data, device, dtype) if config.train.emergence_nulls else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history: list[dict[str, float]] = []
@@ -369,7 +369,7 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
         metrics = {"epoch": epoch + 1, **_train_epoch(loop, source, order, phase, f"epoch {epoch + 1}/{len(plan)}", show),
                    **data.cache_metrics}
         if epoch == len(plan) - 1 or (epoch + 1) % config.train.eval_every == 0:
-            evaluation = evaluate(model, data, config, device, dtype)
+            evaluation = evaluate(model, data, config, device, dtype, nulls)
             metrics.update(evaluation["metrics"])
             metrics.update(baselines(data, config))
             examples = evaluation["examples"]

@@ -146,7 +146,7 @@ SEED_PLAN_FIELDS = {
     "warmup_epochs": "train.warmup_epochs", "main_epochs": "train.main_epochs",
     "fine_tune_epochs": "train.fine_tune_epochs", "reconstruction_loss_weight": "loss.reconstruction",
     "similarity_loss_weight": "loss.cosine", "diversity_loss_weight": "loss.diversity",
-    "emergence_loss_weight": "loss.emergence", "use_curriculum_learning": "train.curriculum",
+    "emergence_loss_weight": "loss.sparsity", "use_curriculum_learning": "train.curriculum",
     "curriculum_start_difficulty": "train.curriculum_start_difficulty",
     "curriculum_end_difficulty": "train.curriculum_end_difficulty", "embedding_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps", "test_lattice_dim": "lattice.size",

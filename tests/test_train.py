@@ -33,7 +33,7 @@ def test_overfits_a_few_dozen_sentences_end_to_end(warm_cache):
     """
     config = with_overrides(preset("test"), {
         "data.cache_dir": str(warm_cache), "data.max_sentences": 30, "train.batch_size": 30, "train.main_epochs": 120, "train.lr": 1e-2,
-        "train.eval_every": 120, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.emergence": 0.0,
+        "train.eval_every": 120, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.sparsity": 0.0, "loss.load_balance": 0.0,
     })
     data = prepare_data(config, torch.device("cpu"))
     texts, vectors = data.train_texts + data.val_texts, torch.cat([data.train, data.val])
