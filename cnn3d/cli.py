@@ -255,13 +255,15 @@ def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, exam
               help="Checkpoint folder (weights, config.json, meta.json), written after every epoch.")
 @click.option("--resume", "resume_from", default=None, type=click.Path(file_okay=False),
               help="Continue from a checkpoint folder written by --out.")
+@click.option("--init-from", "init_from", default=None, type=click.Path(file_okay=False),
+              help="Start from a trained checkpoint of any lattice size (shorthand for --set train.init_from=...).")
 @click.option("--metrics-json", default=None, type=click.Path(dir_okay=False),
               help="Write the final epoch's metrics and the flattened config to this JSON file.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and range, then exit.")
 @config_options
 @run_cli
-def train_cli(preset_name, corpus, out_dir, resume_from, metrics_json, progress, list_keys, config_path,
+def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json, progress, list_keys, config_path,
               assignments, log_level) -> None:
     """Train the lattice student against the teacher and report quality beside in-run baselines."""
     if list_keys:
@@ -270,7 +272,10 @@ def train_cli(preset_name, corpus, out_dir, resume_from, metrics_json, progress,
     setup_logging(log_level)
     from .train import NonFiniteLoss, train
 
-    config = build_config(config_path, assignments, {"data.corpus": corpus} if corpus else {}, preset_name)
+    extra = {"data.corpus": corpus} if corpus else {}
+    if init_from:
+        extra["train.init_from"] = init_from
+    config = build_config(config_path, assignments, extra, preset_name)
     if metrics_json:  # fail now, not after the training time is spent (train() checks --out and --resume)
         from .checkpoint import check_output_file
 

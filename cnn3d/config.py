@@ -204,6 +204,12 @@ class TrainConfig:
     num_threads: int = param(0, "Torch CPU threads (0 = leave torch's default).", low=0, high=1024, tune=False)
     eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
     emergence_nulls: bool = param(True, "Measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
+    init_from: str = param(
+        "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md).", tune=False
+    )
+    grow_schedule: str = param(
+        "none", "Grow the cube while training: SIZExEPOCHS stages joined by '+' (8x2+12x2), then lattice.size; 'none' = fixed size.", tune=False
+    )
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,29 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.max_words={config.data.max_words} must be >= data.min_words={config.data.min_words}")
     if config.total_epochs < 1:
         raise ConfigError("train.warmup_epochs + train.main_epochs + train.fine_tune_epochs must be at least 1")
+    stages = grow_stages(config.train.grow_schedule)
+    if stages and sum(epochs for _, epochs in stages) >= config.total_epochs:
+        raise ConfigError(
+            f"train.grow_schedule={config.train.grow_schedule} uses {sum(e for _, e in stages)} of the "
+            f"{config.total_epochs} epochs; leave at least one for lattice.size={config.lattice.size}"
+        )
+
+
+def grow_stages(schedule: str) -> list[tuple[int, int]]:
+    """``'8x2+12x2'`` -> ``[(8, 2), (12, 2)]`` (cube side, epochs); ``'none'`` or ``''`` -> ``[]``."""
+    text = schedule.strip().lower()
+    if text in ("", "none"):
+        return []
+    stages = []
+    for part in text.split("+"):
+        size, sep, epochs = part.strip().partition("x")
+        if not (sep and size.strip().isdigit() and epochs.strip().isdigit()):
+            raise ConfigError(f"train.grow_schedule={schedule!r} is malformed; write SIZExEPOCHS stages joined by '+', e.g. 8x2+12x2, or none")
+        stage = (int(size), int(epochs))
+        if not (2 <= stage[0] <= 128 and stage[1] >= 1):
+            raise ConfigError(f"train.grow_schedule={schedule!r}: sizes must lie in [2, 128] and epochs be >= 1")
+        stages.append(stage)
+    return stages
 
 
 # --------------------------------------------------------------------------- dotted vocabulary

@@ -45,6 +45,7 @@ from .losses import total_loss
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
+from .transfer import carry_optimizer_state, grow, initial_student, log_table, stage_config
 
 logger = logging.getLogger(__name__)
 
@@ -341,8 +342,8 @@ class _Loop:
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
     started = time.perf_counter()
     data = data or prepare_data(config, device, progress=show)
-    model = build_model(config, data.teacher_dim, seed=config.train.seed,
-                        gradient_checkpointing=config.train.gradient_checkpointing).to(device)
+    # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
+    model, transfer_meta = initial_student(config, data.teacher_dim, device, resume.folder if resume else None)
     optimizer = build_optimizer(model, config)
     plan = epoch_plan(config)
     first_epoch, step = _resume(resume, model, optimizer, device, data.teacher_dim) if resume else (0, 0)
@@ -366,26 +367,47 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
             continue
         source = data.warmup if phase == "warmup" and data.warmup_texts else data.train
         epoch_start = time.perf_counter()
+        stage = _grow_if_due(loop, config, epoch, transfer_meta)
+        model, optimizer = loop.model, loop.optimizer
         metrics = {"epoch": epoch + 1, **_train_epoch(loop, source, order, phase, f"epoch {epoch + 1}/{len(plan)}", show),
                    **data.cache_metrics}
         if epoch == len(plan) - 1 or (epoch + 1) % config.train.eval_every == 0:
             evaluation = evaluate(model, data, config, device, dtype, nulls)
             metrics.update(evaluation["metrics"])
-            metrics.update(baselines(data, config))
+            metrics.update(baselines(data, stage))
             examples = evaluation["examples"]
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         metrics["peak_memory_mb"] = _memory_metric(device, loop.cpu_peak)
         history.append(metrics)
         _log_epoch(metrics, phase, len(plan))
         if out_dir is not None:
-            meta = {"teacher_dim": data.teacher_dim, "epochs_done": epoch + 1, "step": loop.step, "metrics": metrics}
-            save_checkpoint(out_dir, model, config, meta, optimizer)
+            meta = {"teacher_dim": data.teacher_dim, "epochs_done": epoch + 1, "step": loop.step, "metrics": metrics,
+                    **transfer_meta}
+            save_checkpoint(out_dir, model, stage, meta, optimizer)
         report = EpochReport(epoch + 1, len(plan), phase, metrics, examples)
         for callback in callbacks:
             callback(report)
     final = history[-1] if history else {}
     seconds = time.perf_counter() - started
     return TrainResult(final, history, examples, config, model, seconds, Path(out_dir) if out_dir else None)
+
+
+def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:
+    """Under ``train.grow_schedule``, swap in a larger student (and its optimiser) when ``epoch`` starts a stage.
+
+    Returns the config of this epoch's cube (what its baselines and checkpoint describe).
+    """
+    stage = stage_config(config, epoch)
+    if stage.lattice.dims == loop.model.dims:
+        return stage
+    model, table = grow(loop.model, stage, loop.device)
+    optimizer = build_optimizer(model, stage)
+    carried = carry_optimizer_state(loop.optimizer, loop.model, optimizer, model)
+    log_table(table)
+    logger.info("grew the cube at epoch %d; optimiser moments carried for %d tensors", epoch + 1, carried)
+    meta.setdefault("grow", []).append({"epoch": epoch + 1, **table.as_dict()})
+    loop.model, loop.optimizer = model, optimizer
+    return stage
 
 
 def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: str, label: str,
