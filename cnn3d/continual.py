@@ -48,8 +48,9 @@ import torch
 from . import metrics as M
 from .checkpoint import save_checkpoint
 from .config import Config, with_overrides
+from .data import load_corpus
 from .decode import PhraseBank
-from .device import autocast, autocast_dtype
+from .device import autocast, autocast_dtype, resolve_device
 from .domains import domain_label
 from .errors import UserError
 from .losses import total_loss
@@ -71,7 +72,7 @@ from .train import (
     prepare_data,
 )
 
-__all__ = ["EWC", "Domain", "ReplayBatches", "ReplayBuffer", "continual_summary", "prepare_domains", "train_continual"]
+__all__ = ["EWC", "Domain", "run_continual", "ReplayBatches", "ReplayBuffer", "continual_summary", "prepare_domains", "train_continual"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def prepare_domains(config: Config, device: torch.device, progress: bool = False
     if repeated:
         raise UserError(f"data.domains names domain {repeated[0]!r} twice; give each domain once "
                         "(files need distinct names)")
+    for spec in specs:  # read every corpus first: a bad one fails before any teacher pass
+        load_corpus(with_overrides(config, {"data.corpus": spec, "data.domains": ()}).data,
+                    min_sentences=config.train.batch_size, seed=config.train.seed)
     domains = []
     for i, (spec, label) in enumerate(zip(specs, labels)):
         overrides = {"data.corpus": spec, "data.domains": ()}
@@ -280,15 +284,32 @@ def _new_loop(config: Config, model: LatticeStudent, data: TrainingData, plan: l
                  0, _peak_rss_mb(0.0))
 
 
+def run_continual(config: Config, *, device: torch.device | None = None, domains: list[Domain] | None = None,
+                  callbacks: Sequence[Callable[[EpochReport], None]] = (), progress: bool = False) -> TrainResult:
+    """``train_continual`` seeded like ``cnn3d.train.train``, reusing ``domains`` from ``prepare_domains``.
+
+    Runs that share ``data.domains`` (a benchmark's variants, say) embed the corpora once.
+    """
+    device = device or resolve_device(config.train.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.train.seed)
+        return train_continual(config, device, callbacks, show=progress, domains=domains)
+
+
 def train_continual(config: Config, device: torch.device, callbacks: Sequence[Callable[[EpochReport], None]] = (),
                     out_dir: str | Path | None = None, resume_from: str | Path | None = None,
-                    show: bool = False) -> TrainResult:
-    """Train on ``config.data.domains`` in sequence (or jointly); see the module docstring."""
+                    show: bool = False, domains: list[Domain] | None = None) -> TrainResult:
+    """Train on ``config.data.domains`` in sequence (or jointly); see the module docstring.
+
+    ``domains`` (from ``prepare_domains`` for the same ``data.domains``) skips embedding them again.
+    """
     if resume_from is not None:
         raise UserError("resuming a run over data.domains is not supported; start it again without --resume")
+    if len(config.data.domains) < 2:
+        raise UserError("data.domains needs at least two corpora for a continual run")
     started = time.perf_counter()
     c = config.continual
-    domains = prepare_domains(config, device, progress=show)
+    domains = domains or prepare_domains(config, device, progress=show)
     labels = [d.label for d in domains]
     union = merge_data([d.data for d in domains])
     stages = [union] if c.joint else [d.data for d in domains]
