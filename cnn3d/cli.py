@@ -251,6 +251,8 @@ def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, exam
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="test", show_default=True,
               help="Starting configuration: test (8^3), wide (16x16 face) or full (37^3).")
 @click.option("--corpus", default=None, help="Shorthand for --set data.corpus=... ('builtin', a file, a folder).")
+@click.option("--then-corpus", "then_corpus", multiple=True, metavar="CORPUS",
+              help="Train on this corpus after --corpus (repeatable): sets data.domains for continual learning.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Checkpoint folder (weights, config.json, meta.json), written after every epoch.")
 @click.option("--resume", "resume_from", default=None, type=click.Path(file_okay=False),
@@ -263,7 +265,8 @@ def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, exam
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and range, then exit.")
 @config_options
 @run_cli
-def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json, progress, list_keys, config_path,
+def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from, metrics_json, progress, list_keys,
+              config_path,
               assignments, log_level) -> None:
     """Train the lattice student against the teacher and report quality beside in-run baselines."""
     if list_keys:
@@ -276,6 +279,8 @@ def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json
     if init_from:
         extra["train.init_from"] = init_from
     config = build_config(config_path, assignments, extra, preset_name)
+    if then_corpus:
+        config = _with_then_corpus(config, then_corpus)
     if metrics_json:  # fail now, not after the training time is spent (train() checks --out and --resume)
         from .checkpoint import check_output_file
 
@@ -285,6 +290,8 @@ def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json
     except NonFiniteLoss as exc:
         fail(str(exc), 1)
     m = result.metrics
+    if "avg_final_cosine" in m:
+        click.echo(_continual_line(m))
     click.echo(
         f"val_cosine {m['val_cosine']:.4f} (baselines: pca {m['baseline_pca_cosine']:.4f}, mean "
         f"{m['baseline_mean_cosine']:.4f}; {m['val_cosine'] / m['baseline_pca_cosine']:.1%} of pca) | "
@@ -295,6 +302,26 @@ def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json
         _write_metrics_json(metrics_json, m, config, result.examples)
     if out_dir:
         click.echo(f"checkpoint: {out_dir}")
+
+
+def _with_then_corpus(config: Config, then_corpus: Sequence[str]) -> Config:
+    """``data.domains`` = (``data.corpus``, *``--then-corpus``); an empty entry is a user error."""
+    if any(not c.strip() or "," in c for c in then_corpus):
+        bad = next(c for c in then_corpus if not c.strip() or "," in c)
+        raise UserError(f"--then-corpus {bad!r} is not a corpus; give a file, folder, builtin:NAME or hf:NAME "
+                        "(one per --then-corpus, no commas)")
+    return with_overrides(config, {"data.domains": (config.data.corpus, *then_corpus)})
+
+
+def _continual_line(m: dict[str, Any]) -> str:
+    """One line of the continual figures: the final row of the matrix beside each domain's PCA ceiling."""
+    final = [k for k in m if k.startswith("cl_matrix/")]
+    stages = {k.split("/")[1] for k in final}
+    last_stage = "joint" if "joint" in stages else str(max(int(s) for s in stages))
+    cells = [f"{k.split('/')[2]} {m[k]:.4f} (pca {m.get('cl_pca/' + k.split('/')[2], float('nan')):.4f})"
+             for k in final if k.split("/")[1] == last_stage]
+    return (f"continual: avg_final_cosine {m['avg_final_cosine']:.4f}, forgetting {m['forgetting']:.4f}, "
+            f"new_domain_cosine {m['new_domain_cosine']:.4f} | final: {', '.join(cells)}")
 
 
 def _print_keys() -> None:

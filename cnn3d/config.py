@@ -29,6 +29,7 @@ from .errors import UserError
 __all__ = [
     "Config",
     "ConfigError",
+    "ContinualConfig",
     "DataConfig",
     "FieldSpec",
     "LatticeConfig",
@@ -228,6 +229,27 @@ class DataConfig:
     max_cache_size_gb: float = param(10.0, "Cap of the cache; least-recently-used shards are evicted beyond it.", low=0.0, high=10_000.0, tune=False)
     cache_dtype: Literal["float16", "float32"] = param("float32", "Storage precision of cached vectors.", choices=("float16", "float32"), tune=False)
     decode_bank: str = param("", "Extra text file whose lines join the decoder's phrase bank.", tune=False)
+    domains: tuple[str, ...] = param(
+        (), "Corpora trained one after another (continual learning), e.g. builtin:news,builtin:dialogue; "
+        "empty = train on data.corpus alone.", tune=False,
+    )
+
+
+CONTINUAL_FREEZABLE = ("transform", "gating", "local", "functional", "distant")
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """Remedies against forgetting when data.domains holds a sequence (see docs/continual.md)."""
+
+    ewc_lambda: float = param(0.0, "EWC: weight of the penalty on drifting from earlier stages (0 = off).", low=0.0, high=1e4)
+    ewc_samples: int = param(256, "EWC: training sentences used to estimate the diagonal Fisher after a stage (0 = all).", low=0, high=10_000_000, tune=False)
+    replay_size: int = param(0, "Replay: earlier stages' teacher embeddings kept in the buffer (0 = no replay).", low=0, high=10_000_000, tune=False)
+    replay_fraction: float = param(0.25, "Replay: share of each batch drawn from the buffer.", low=0.0, high=1.0)
+    freeze: tuple[str, ...] = param(
+        (), "Parameter groups frozen after the first stage: any of transform, gating, local, functional, distant.", tune=False
+    )
+    joint: bool = param(False, "Train on all data.domains at once (the upper bound) instead of in sequence.", tune=False)
 
 
 SECTIONS = {
@@ -238,6 +260,7 @@ SECTIONS = {
     "loss": LossConfig,
     "train": TrainConfig,
     "data": DataConfig,
+    "continual": ContinualConfig,
 }
 
 
@@ -252,6 +275,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -425,6 +449,7 @@ def validate(config: Config) -> None:
             f"train.grow_schedule={config.train.grow_schedule} uses {sum(e for _, e in stages)} of the "
             f"{config.total_epochs} epochs; leave at least one for lattice.size={config.lattice.size}"
         )
+    validate_continual(config)
 
 
 def grow_stages(schedule: str) -> list[tuple[int, int]]:
@@ -442,6 +467,20 @@ def grow_stages(schedule: str) -> list[tuple[int, int]]:
             raise ConfigError(f"train.grow_schedule={schedule!r}: sizes must lie in [2, 128] and epochs be >= 1")
         stages.append(stage)
     return stages
+
+
+def validate_continual(config: Config) -> None:
+    """Cross-field rules of data.domains and the continual section."""
+    domains = config.data.domains
+    if len(domains) == 1:
+        raise ConfigError(f"data.domains={domains[0]} holds one domain but a sequence needs at least two "
+                          "(e.g. data.domains=builtin:news,builtin:dialogue); leave it empty to train on data.corpus")
+    if any(not d.strip() for d in domains):
+        raise ConfigError(f"data.domains={','.join(domains)} has an empty entry; every domain needs a corpus spec")
+    bad = [f for f in config.continual.freeze if f not in CONTINUAL_FREEZABLE]
+    if bad or len(set(config.continual.freeze)) != len(config.continual.freeze):
+        raise ConfigError(f"continual.freeze={','.join(config.continual.freeze)} must be distinct names from "
+                          f"{', '.join(CONTINUAL_FREEZABLE)}")
 
 
 # --------------------------------------------------------------------------- dotted vocabulary

@@ -64,7 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv")
-CORPUS_HELP = "use 'builtin', 'synthetic', a .txt/.jsonl/.csv file or a folder of them, or hf:DATASET[:SPLIT]"
+CORPUS_HELP = "use 'builtin', builtin:news|science|dialogue, 'synthetic', a .txt/.jsonl/.csv file or a folder of them, or hf:DATASET[:SPLIT]"
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -343,6 +343,10 @@ def load_corpus(data_cfg: DataConfig, *, min_sentences: int = 1, seed: int = 0) 
     known: dict[str, float] = {}
     if spec == "builtin":
         texts, source = builtin_sentences(), "built-in corpus"
+    elif spec.startswith("builtin:"):
+        from .domains import builtin_domain_sentences
+
+        texts, source = builtin_domain_sentences(spec[len("builtin:"):]), f"built-in domain {spec}"
     elif spec == "synthetic":
         texts, known, source = _synthetic(data_cfg, seed)
     else:

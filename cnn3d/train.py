@@ -64,9 +64,14 @@ REPORTED_METRICS = (
 )
 
 
+# Reported by runs over a sequence of data.domains (cnn3d.continual); cl_matrix/<stage>/<domain> and others join.
+CONTINUAL_METRICS = ("avg_final_cosine", "forgetting", "new_domain_cosine", "last_domain_cosine")
+
+
 def is_reported_metric(name: str) -> bool:
     """Whether ``name`` is a metric ``train`` reports (usable as a tuner objective)."""
-    return name in REPORTED_METRICS or name.startswith("expert_usage_")
+    return (name in REPORTED_METRICS or name.startswith("expert_usage_") or name in CONTINUAL_METRICS
+            or name.startswith("cl_"))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -312,6 +317,10 @@ def train(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.train.seed)
+            if len(config.data.domains) >= 2:  # a sequence of domains: the stage loop of cnn3d.continual
+                from .continual import train_continual
+
+                return train_continual(config, device, callbacks, out_dir, resume_from, show)
             return _train(config, device, callbacks, out_dir, resume, show, data)
     finally:
         torch.set_num_threads(previous_threads)
@@ -337,6 +346,7 @@ class _Loop:
     warmup_steps: int
     step: int = 0
     cpu_peak: float = 0.0
+    extra_loss: Callable[[LatticeStudent], torch.Tensor] | None = None  # added to every batch's loss (continual EWC)
 
 
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
@@ -425,6 +435,8 @@ def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: 
         with autocast(loop.device, loop.dtype):
             out = model(target)
         loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
+        if loop.extra_loss is not None:
+            loss = loss + loop.extra_loss(model)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"loss became {loss.item()} at {label} batch {i + 1} "
