@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, flatten
-from .data import curriculum_indices, curriculum_fraction, load_corpus
+from .data import curriculum_fraction, curriculum_indices, load_corpus
 from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
