@@ -320,7 +320,7 @@ def _read_files(folder: Path) -> dict[str, bytes]:
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {folder} ({exc.strerror or _first_line(exc)})") from None
     if CHECKSUMS not in files:
-        logger.warning("checkpoint %s has no %s (written by an older cnn3d); its files are not verified",
+        logger.info("checkpoint %s has no %s (written by an older cnn3d); its files are not verified",
                        folder, CHECKSUMS)
         return files
     _verify(folder, files)

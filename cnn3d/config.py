@@ -228,7 +228,7 @@ class DataConfig:
     cache_dir: str = param("~/.cache/cnn3d/embeddings", "Folder of the shared embedding cache.", tune=False)
     max_cache_size_gb: float = param(10.0, "Cap of the cache; least-recently-used shards are evicted beyond it.", low=0.0, high=10_000.0, tune=False)
     cache_dtype: Literal["float16", "float32"] = param("float32", "Storage precision of cached vectors.", choices=("float16", "float32"), tune=False)
-    decode_bank: str = param("", "Extra text file whose lines join the decoder's phrase bank.", tune=False)
+    decode_bank: str = param("", "Extra text file whose lines join the decoder's phrase bank (validation split, plus the built-in corpus when corpus=builtin).", tune=False)
     domains: tuple[str, ...] = param(
         (), "Corpora trained one after another (continual learning), e.g. builtin:news,builtin:dialogue; "
         "empty = train on data.corpus alone.", tune=False,

@@ -514,13 +514,13 @@ def _open_resume(folder, config: Config) -> Checkpoint:
             f"cannot resume from {ckpt.folder}: the model config differs in {shown}{more}; "
             f"pass the same settings (e.g. --config {ckpt.folder / 'config.json'}) or train into a new --out"
         )
-    if differing:
-        logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
     if ckpt.epochs_done >= config.total_epochs:
         raise CheckpointError(
             f"checkpoint {ckpt.folder} has already done {ckpt.epochs_done} of {config.total_epochs} epochs; "
             "raise train.main_epochs (or fine_tune_epochs) to continue training"
         )
+    if differing:
+        logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
     return ckpt
 
 
