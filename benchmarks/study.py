@@ -42,7 +42,7 @@ def run_study(cli: str, trials: int, epochs: int, folder: Path, cache_dir: str, 
     folder.mkdir(parents=True)
     storage = f"sqlite:///{folder}/study.db"
     command = [cli, "--param", "transform.dropout", "--trials", str(trials), "--set", f"train.main_epochs={epochs}",
-               "--set", f"data.cache_dir={cache_dir}", "--storage", storage, "--tracking-uri", str(folder / "mlruns"),
+               "--set", f"data.cache_dir={cache_dir}", "--storage", storage, "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
                "--name", "bench", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
