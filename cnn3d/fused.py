@@ -21,6 +21,8 @@ gradients against the straightforward formulation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -200,3 +202,15 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         message = out * g if message is None else torch.addcmul(message, out, g)
     new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)
     return new_rows, gates
+
+
+def compile_step(model, mode: str | None = None) -> None:
+    """Run ``model``'s fused step through ``torch.compile`` from now on (meant for CUDA).
+
+    On a GPU the step is launch-bound (about a hundred small kernels per lattice step);
+    inductor fuses its elementwise passes into a few kernels, and ``mode="reduce-overhead"``
+    also replays them as a CUDA graph. On CPU compiling made the step slower (BENCHMARKS.md)
+    and is not used. Parameters and ``state_dict`` are untouched.
+    """
+    processor = model.processor
+    processor.step_rows = torch.compile(functools.partial(fused_step, processor), mode=mode, dynamic=False)

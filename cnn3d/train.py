@@ -17,11 +17,11 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -42,6 +42,7 @@ from .data import curriculum_fraction, curriculum_indices, load_corpus
 from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
+from .memory import SavedActivations, run_peak_mb, state_bytes
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
@@ -271,10 +272,6 @@ def emergence_nulls(config: Config, data: TrainingData, device: torch.device, dt
 # --------------------------------------------------------------------------- the loop
 
 
-def _peak_rss_mb(current: float) -> float:
-    return max(current, psutil.Process().memory_info().rss / 2**20)
-
-
 def _memory_metric(device: torch.device, cpu_peak: float) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -363,7 +360,7 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
     total = sum(math.ceil(len(epoch_texts(data, config, p, main_index[e])) / per_step) for e, p in enumerate(plan))
     loop = _Loop(config, model, optimizer, device, dtype,
                  torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
-                 total, max(1, total // 20), step, _peak_rss_mb(0.0))
+                 total, max(1, total // 20), step)
     generator = torch.Generator().manual_seed(config.train.seed)
     nulls = emergence_nulls(config, data, device, dtype) if config.train.emergence_nulls else None
     if device.type == "cuda":
@@ -420,51 +417,77 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:
     return stage
 
 
+SYNC_EVERY = 16  # micro-batches between host syncs (loss check, progress bar): each sync stalls a GPU queue
+
+
 def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: str, label: str,
                  show: bool) -> dict[str, float]:
-    """One pass over ``source[order]``; returns train loss, lr and steady-state throughput."""
+    """One pass over ``source[order]``; returns train loss, lr and steady-state throughput.
+
+    The hot loop never waits for the device: the loss sum and the first non-finite loss
+    stay on the device and are read every ``SYNC_EVERY`` micro-batches and at the end of
+    the epoch. A non-finite loss still stops the run with ``NonFiniteLoss`` (at most
+    ``SYNC_EVERY`` batches later, before any checkpoint or callback sees the epoch).
+    """
     config, model = loop.config, loop.model
     batch, accum = config.train.batch_size, config.train.grad_accum_steps
     lr_scale = FINE_TUNE_LR_FACTOR if phase == "fine_tune" else 1.0
     model.train()
     micro = [order[i : i + batch] for i in range(0, len(order), batch)]
-    train_loss, seen, warm_seen, warm_start = 0.0, 0, 0, time.perf_counter()
+    seen, warm_seen, warm_start, shown = 0, 0, time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=loop.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=loop.device)  # index of the first non-finite batch
+    bad_loss = torch.zeros((), device=loop.device)
+    activations = SavedActivations(state_bytes(model, loop.optimizer)) if loop.device.type == "cpu" else None
     bar = tqdm(total=len(order), desc=f"{label} {phase}", disable=not show, leave=False)
     for i, idx in enumerate(micro):
         target = source[idx].to(loop.device, non_blocking=True)
-        with autocast(loop.device, loop.dtype):
+        with autocast(loop.device, loop.dtype), (activations.watch() if i == 0 and activations else nullcontext()):
             out = model(target)
-        loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
-        if loop.extra_loss is not None:
+            loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
+        if loop.extra_loss is not None:  # e.g. the continual EWC penalty
             loss = loss + loop.extra_loss(model)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} at {label} batch {i + 1} "
-                f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
-            )
+        detached = loss.detach()
+        newly_bad = (first_bad < 0) & ~torch.isfinite(detached)
+        first_bad = torch.where(newly_bad, i, first_bad)
+        bad_loss = torch.where(newly_bad, detached, bad_loss)
         (loop.scaler.scale(loss / accum) if loop.scaler else loss / accum).backward()
         if (i + 1) % accum == 0 or i + 1 == len(micro):
             factor = lr_factor(loop.step, loop.total_steps, config.train.scheduler, loop.warmup_steps)
             _optimizer_step(optimizer=loop.optimizer, scaler=loop.scaler, config=config, factor=lr_scale * factor)
             loop.step += 1
-        train_loss += loss.item() * len(idx)
+        loss_sum += detached * len(idx)
         seen += len(idx)
-        loop.cpu_peak = _peak_rss_mb(loop.cpu_peak)
         if i == 0:  # time steady-state batches: the first pays for allocator and kernel warm-up
             warm_start, warm_seen = time.perf_counter(), seen
-        bar.update(len(idx))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(micro):
+            _check_finite(first_bad, bad_loss, label, config)
+            bar.update(seen - shown)
+            shown = seen
+            bar.set_postfix(loss=f"{detached.item():.4f}")
     bar.close()
     elapsed = time.perf_counter() - warm_start
     rate = (seen - warm_seen) / elapsed if seen > warm_seen else seen / max(elapsed, 1e-9)
     cells = model.dims[0] * model.dims[1] * model.dims[2] * model.steps
+    if activations is not None:
+        loop.cpu_peak = max(loop.cpu_peak, run_peak_mb(model, loop.optimizer, activations))
     return {
-        "train_loss": train_loss / max(seen, 1),
+        "train_loss": loss_sum.item() / max(seen, 1),
         "lr": loop.optimizer.param_groups[0]["lr"],
         "train_sentences": float(seen),
         "throughput_samples_per_s": rate,
         "cell_steps_per_s": rate * cells,
     }
+
+
+def _check_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor, label: str, config: Config) -> None:
+    """Raise ``NonFiniteLoss`` if a batch since the epoch began had a NaN/inf loss (one host sync)."""
+    index = int(first_bad)
+    if index >= 0:
+        raise NonFiniteLoss(
+            f"loss became {bad_loss.item()} at {label} batch {index + 1} "
+            f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
+        )
 
 
 def _optimizer_step(optimizer, scaler, config: Config, factor: float) -> None:

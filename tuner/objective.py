@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_MAX_SIDE = 16  # the report's 3D lattice view is downsampled to at most 16 cells a side
 DATA_KEYS = ("teacher.", "data.")  # config sections that decide the training data
+DATA_MEMO = 4  # prepared datasets a worker keeps (the teacher itself is memoised by cnn3d.teacher)
 
 
 class TrialRunner:
@@ -70,7 +71,9 @@ class TrialRunner:
             n = len(data.train_texts) + len(data.val_texts)
             return replace(data, cache_metrics={**data.cache_metrics, "cache_hit_rate": 1.0, "cache_hits": float(n),
                                                 "cache_misses": 0.0, "cache_computed": 0.0})
-        self._data = {key: prepare_data(config, self.device)}  # keep one: configs rarely alternate
+        if len(self._data) >= DATA_MEMO:  # a seed sweep alternates a few keys: keep the latest few
+            self._data.pop(next(iter(self._data)))
+        self._data[key] = prepare_data(config, self.device)
         return self._data[key]
 
     # -- the objective

@@ -28,7 +28,7 @@ import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from cnn3d.device import resolve_device
+from cnn3d.device import resolve_device, threads_per_worker
 from cnn3d.errors import UserError
 
 from .space import ParamSpace
@@ -387,13 +387,12 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
 
     # Optuna logs every failed trial with a traceback; the objective logs one line with the reason instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    torch.set_num_threads(threads)
     name = spec.study_name()
     tracker = StudyTracker(tracking_uri, name)
     storage = make_storage(storage_url, (tracking_uri, name))
     objectives = spec.parsed_objectives()
     base = spec.base_config()
+    torch.set_num_threads(threads_per_worker(workers, base.train.num_threads))  # a share of the cores, set once
     device = resolve_device(device_name or base.train.device)
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=make_sampler(spec, spec.spaces(), base.train.seed + 1000 * index),
