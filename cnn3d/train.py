@@ -33,10 +33,10 @@ from .data import builtin_sentences, curriculum_fraction, load_corpus, read_phra
 from .decode import PhraseBank, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
-from .model import LatticeStudent, build_model
+from .model import LatticeStudent
 from .synthetic import generate_sentences
 from .teacher import load_teacher
-from .transfer import carry_optimizer_state, grow, initial_student, log_table, stage_config
+from .transfer import carry_optimizer_state, grow, initial_student, log_table, precheck, stage_config
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +325,7 @@ class _Loop:
 
 def _train(config, device, callbacks, out_dir, resume_from, show, data) -> TrainResult:
     started = time.perf_counter()
+    precheck(config)  # a bad train.init_from fails before the teacher runs
     data = data or prepare_data(config, device, progress=show)
     model, transfer_meta = initial_student(config, data.teacher_dim, device, resume_from)  # init_from / grow stage
     optimizer = build_optimizer(model, config)
