@@ -46,7 +46,7 @@ from .memory import SavedActivations, run_peak_mb, state_bytes
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
-from .transfer import carry_optimizer_state, grow, initial_student, log_table, stage_config
+from .transfer import carry_optimizer_state, grow, initial_student, log_table, precheck, stage_config
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +348,7 @@ class _Loop:
 
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
     started = time.perf_counter()
+    precheck(config)  # a bad train.init_from fails before the teacher runs
     data = data or prepare_data(config, device, progress=show)
     # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
     model, transfer_meta = initial_student(config, data.teacher_dim, device, resume.folder if resume else None)

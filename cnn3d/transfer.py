@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_weights, read_checkpoint_meta
-from .config import Config, grow_stages, with_overrides
+from .config import Config, flatten, grow_stages, with_overrides
 from .errors import UserError
 from .model import LatticeStudent, build_model
 
@@ -155,6 +155,25 @@ def _cell_problems(source: LatticeStudent, target: LatticeStudent) -> list[str]:
             key = next((k for frag, k in CELL_KEYS.items() if frag in name), f"processor.{name}")
             problems.append(f"{key} ({name} {list(src[name].shape)} != {list(tensor.shape)})")
     return sorted(set(problems))
+
+
+def precheck(config: Config) -> None:
+    """Fail fast, before any data work, when ``train.init_from`` is no checkpoint or has another cell."""
+    if not config.train.init_from:
+        return
+    source, _ = read_checkpoint_meta(config.train.init_from)
+    keys = ("lattice.state_size", "moe.experts", "moe.local_hidden", "moe.functional_radius", "moe.distant_links")
+    flat_src, flat_dst = flatten(source), flatten(config)
+    problems = [f"{k} {_show(flat_src[k])} != {_show(flat_dst[k])}" for k in keys if flat_src[k] != flat_dst[k]]
+    if problems:
+        raise TransferError(
+            f"cannot transfer {config.train.init_from} into this model: {'; '.join(problems)} "
+            "(the cell and the teacher must match; size, depth, steps and face may differ)"
+        )
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def check_compatible(source: LatticeStudent, target: LatticeStudent, source_name: str = "the source") -> None:
