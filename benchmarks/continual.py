@@ -79,7 +79,11 @@ def main() -> None:
         start = time.perf_counter()
         result = run_continual(with_overrides(config, overrides), device=device, domains=domains)
         results[name] = {**result.metrics, "wall_seconds": time.perf_counter() - start}
-        print(f"  {name:7} done in {results[name]['wall_seconds']:.0f} s", flush=True)
+        m = results[name]
+        print(f"  {name:7} done in {m['wall_seconds']:.0f} s: avg_final {m['avg_final_cosine']:.4f} forgetting "
+              f"{m['forgetting']:.4f} last {m['last_domain_cosine']:.4f} | " + ", ".join(
+                  f"{k.removeprefix('cl_matrix/')} {v:.4f}" for k, v in m.items() if k.startswith("cl_matrix/")),
+              flush=True)
     singles = {}
     for d in domains[1:]:
         start = time.perf_counter()
