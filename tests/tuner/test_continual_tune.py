@@ -50,3 +50,14 @@ def test_tune_ewc_and_replay_against_forgetting(tmp_path, warm_cache):
     page = render_report(build_report_data(study))
     assert 'id="continual"' in page and "forgetting matrix" in page
     assert "Forgetting against the tuned parameters" in page
+
+
+def test_a_continual_objective_without_domains_is_a_user_error():
+    from cnn3d.errors import UserError
+    from tuner.spec import StudySpec
+
+    with pytest.raises(UserError, match="needs a sequence of domains"):
+        StudySpec(params=["continual.ewc_lambda"], objectives=["forgetting:min"], pruner="none").validate()
+    spec = StudySpec(params=["continual.ewc_lambda"], objectives=["forgetting:min", "avg_final_cosine:max"],
+                     set={"data.domains": "builtin:news,builtin:dialogue"}).validate()
+    assert [o.metric for o in spec.parsed_objectives()] == ["forgetting", "avg_final_cosine"]
