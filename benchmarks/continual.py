@@ -109,10 +109,12 @@ def report(results: dict[str, dict[str, float]], singles: dict[str, float], labe
         last = "joint" if name == "joint" else str(len(labels))
         plastic = [m[f"cl_matrix/{i + 1}/{lab}"] / singles[lab] for i, lab in enumerate(labels) if lab in singles
                    and f"cl_matrix/{i + 1}/{lab}" in m]
+        plasticity = f"{sum(plastic) / len(plastic):7.3f}" if plastic else f"{'-':>7}"
         print(f"{name:8} {m['avg_final_cosine']:9.4f} {m['forgetting']:10.4f} {m['new_domain_cosine']:8.4f} "
-              f"{m['last_domain_cosine']:8.4f} {(sum(plastic) / len(plastic) if plastic else float('nan')):7.3f} "
+              f"{m['last_domain_cosine']:8.4f} {plasticity} "
               + " ".join(f"{m[f'cl_matrix/{last}/{lab}']:14.4f}" for lab in labels)
               + f" {m['cl_fisher_seconds']:8.2f} {m['cl_replay_bytes']:9.0f} {m['wall_seconds']:7.0f}")
+    print("plastic = quality on each later domain right after learning it / a single-domain run on it")
     print("single-domain runs (plasticity reference): " + ", ".join(f"{k} {v:.4f}" for k, v in singles.items()))
     if "naive" not in results:
         return
