@@ -115,6 +115,8 @@ def build_sections(data: ReportData) -> list[Section]:
     builders = [(_effects_section, "effects", "Parameter effects"), (_importance_section, "importance", "Importance"),
                 (_progress_section, "progress", "Optimisation history"), (_best_section, "best", "Best trial"),
                 (_trials_section, "trials", "All trials")]
+    if any(k.startswith("cl_matrix/") for t in data.complete for k in t.metrics):  # a study over data.domains
+        builders.insert(4, (_continual_section, "continual", "Continual learning"))
     sections = []
     for build, anchor, title in builders:
         try:
@@ -871,3 +873,72 @@ def _chromium(binary: str, tmp: str, args: list[str], timeout: float) -> str:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"chromium exited with {done.returncode}: {tail[0]}")
     return done.stdout
+
+
+# --------------------------------------------------------------------------- continual learning (issue 12)
+
+
+def _continual_section(data: ReportData) -> Section:
+    section = Section("continual", "Continual learning: the forgetting matrix", intro=(
+        "Runs over <code>data.domains</code> score every domain's validation split after every stage. "
+        "The heatmap is the best trial's stage &times; domain matrix of mean cosine to the teacher, each cell beside "
+        "that domain's PCA ceiling; <em>forgetting</em> is the mean drop of earlier domains from their best."))
+    trial = _continual_trial(data)
+    if trial is None:
+        section.items.append(Note("No complete trial holds a forgetting matrix."))
+        return section
+    section.items.append(continual_heatmap(trial.metrics, f"trial {trial.number}"))
+    tuned = [p.key for p in data.params]
+    points = [t for t in data.complete if "forgetting" in t.metrics]
+    if tuned and len(points) >= 2:
+        section.items.append(forgetting_figure(points, tuned))
+    else:
+        section.items.append(Note("Forgetting against a tuned parameter needs a tuned parameter and two complete "
+                                  "trials over data.domains."))
+    return section
+
+
+def _continual_trial(data: ReportData):
+    """The best trial if it holds a matrix, else the complete trial with the highest avg_final_cosine."""
+    if data.best is not None and any(k.startswith("cl_matrix/") for k in data.best.metrics):
+        return next((t for t in data.complete if t.number == data.best.number), None)
+    scored = [t for t in data.complete if "avg_final_cosine" in t.metrics]
+    return max(scored, key=lambda t: t.metrics["avg_final_cosine"]) if scored else None
+
+
+def continual_heatmap(metrics: dict[str, float], title: str) -> go.Figure:
+    """Stage x domain heatmap of ``cl_matrix/<stage>/<domain>``, cells annotated with the PCA ceiling."""
+    stages: list[str] = []
+    domains: list[str] = []
+    for key in metrics:
+        if key.startswith("cl_matrix/"):
+            _, stage, domain = key.split("/", 2)
+            stages += [stage] if stage not in stages else []
+            domains += [domain] if domain not in domains else []
+    z = [[metrics.get(f"cl_matrix/{s}/{d}") for d in domains] for s in stages]
+    text = [[f"{v:.3f}<br>pca {metrics.get(f'cl_pca/{d}', float('nan')):.3f}" if v is not None else ""
+             for v, d in zip(row, domains)] for row in z]
+    fig = go.Figure(go.Heatmap(z=z, x=domains, y=[f"after stage {s}" for s in stages], text=text,
+                               texttemplate="%{text}", colorscale="Viridis", colorbar={"title": "cosine"},
+                               hovertemplate="%{y}, %{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Validation cosine per domain after each stage ({title}); "
+                            f"forgetting {metrics.get('forgetting', float('nan')):.4f}, "
+                            f"avg final {metrics.get('avg_final_cosine', float('nan')):.4f}",
+                      yaxis={"autorange": "reversed"}, height=160 + 60 * len(stages), margin={"t": 60})
+    return fig
+
+
+def forgetting_figure(trials: list, params: list[str]) -> go.Figure:
+    """Forgetting and average final cosine of every complete trial against each tuned parameter."""
+    fig = make_subplots(rows=2, cols=len(params), shared_xaxes="columns", horizontal_spacing=0.08,
+                        row_titles=["forgetting", "avg_final_cosine"], subplot_titles=params)
+    for col, key in enumerate(params, start=1):
+        pts = sorted((t for t in trials if key in t.params), key=lambda t: str(t.params[key]))
+        for row, metric in ((1, "forgetting"), (2, "avg_final_cosine")):
+            fig.add_trace(go.Scatter(
+                x=[t.params[key] for t in pts], y=[t.metrics.get(metric) for t in pts], mode="markers",
+                marker={"color": SERIES_COLORS[row - 1]}, name=metric, showlegend=col == 1,
+                text=[f"trial {t.number}" for t in pts], hovertemplate="%{text}: %{x} -> %{y:.4f}<extra></extra>"),
+                row=row, col=col)
+    fig.update_layout(title="Forgetting against the tuned parameters", height=520)
+    return fig
