@@ -71,11 +71,38 @@ def make_storage(url: str, tracker_args: tuple[str, str] | None = None) -> RDBSt
         raise UserError(f"storage {url!r} is not a database URL; use sqlite:///PATH.db or postgresql://USER@HOST/DB")
     callback = StaleTrialRetry(*tracker_args) if tracker_args else RetryHeartbeatStaleTrialCallback(max_retry=3)
     # workers starting together on a fresh database race to create Optuna's tables: retry
-    return with_retries(
+    storage = with_retries(
         lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
                            grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=callback),
-        what=f"study storage {_redact(url)}", attempts=1 if _refused(url) else 6,
+        what=f"study storage {redact(url)}", attempts=1 if _refused(url) else 6,
     )
+    if url.startswith("sqlite:///"):
+        _serialise_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _serialise_sqlite_transactions(engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    Optuna claims a queued trial by reading it (``SELECT ... FOR UPDATE``) and then setting it RUNNING.
+    SQLite ignores ``FOR UPDATE``, and Python's sqlite3 driver opens a transaction only at the first
+    write, so the read ran outside any transaction: two processes both read WAITING and both ran the
+    trial. With the lock taken at ``BEGIN``, the second claimant waits and then reads RUNNING.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's, opens transactions
+        # WAL with NORMAL sync: one fsync per checkpoint instead of per commit; a crash loses nothing
+        # committed by a live process, a power cut at most the last commits (never corrupts the file)
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while creating the tables lack the listener: drop them
 
 
 def _refused(url: str) -> bool:
@@ -93,7 +120,8 @@ def _refused(url: str) -> bool:
         return True
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: safe to print, log and store."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
