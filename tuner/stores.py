@@ -122,7 +122,13 @@ def store_lock(uri: str) -> Iterator[None]:
     PostgreSQL: an advisory lock, which also serialises processes on other machines)."""
     path = sqlite_path(uri)
     if path is not None:
-        with open(f"{path}.lock", "a+") as handle:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(f"{path}.lock", "a+")  # noqa: SIM115 - closed below
+        except OSError:  # a read-only place: nothing to create there, and check_sqlite_writable says so
+            yield
+            return
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
