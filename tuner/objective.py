@@ -127,7 +127,8 @@ class TrialRunner:
             metric = self.objectives[0].metric
             if single and metric in report.metrics:
                 trial.report(report.metrics[metric], report.epoch)
-                if trial.should_prune():
+                # a trial that did all its epochs is complete: pruning it now would only discard paid work
+                if report.epoch < report.total_epochs and trial.should_prune():
                     trial.set_user_attr("pruned_at_epoch", report.epoch)
                     self.overhead_seconds += time.perf_counter() - start
                     raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")

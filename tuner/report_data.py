@@ -25,6 +25,8 @@ import optuna.distributions as D
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from .stores import redact
+
 logger = logging.getLogger(__name__)
 
 BASELINES = {"baseline_pca_cosine": "PCA baseline", "baseline_mean_cosine": "mean-vector baseline"}
@@ -306,7 +308,7 @@ def build_report_data(study: optuna.Study, mlflow_client: Any = None,
         params=params, param_specs=list(attrs.get("params", [])), counts=counts,
         wall_seconds=(ended - started).total_seconds() if started and ended else None, started=started, ended=ended,
         trials=trials, best=None, pareto=[], effects=[], importances=[], top_pair=None,
-        curves=_curves(trials, objectives), tracking_uri=attrs.get("tracking_uri"),
+        curves=_curves(trials, objectives), tracking_uri=redact(attrs.get("tracking_uri") or "") or None,
         experiment_url=ui.experiment(), parent_run_url=ui.run(attrs.get("mlflow_parent_run_id")),
         notices=notices, directions=directions, frozen_trials=[_light_copy(t) for t in finished],
     )
