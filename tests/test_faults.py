@@ -294,8 +294,9 @@ def test_fault_through_the_installed_console_script(case, assets, read_only):
 
 
 def _table_rows() -> dict[str, str]:
+    """Rows of the cnn3d sections (the tuner's section at the end is kept true by the tuner's tests)."""
     rows = {}
-    for line in FAULTS_MD.read_text().splitlines():
+    for line in FAULTS_MD.read_text().split("\n## Tuner", 1)[0].splitlines():
         match = re.match(r"\|\s*([A-Z]\d\d)\s*\|", line)
         if match:
             rows[match.group(1)] = line
