@@ -36,12 +36,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (robust on a shared machine, 1 thread)
+
+
 def timed(fn, device) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def matmul_step(device: torch.device, n: int):
@@ -130,8 +133,12 @@ def main() -> None:
     parser.add_argument("--matmul-n", type=int, default=2048)
     parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused", "compiled"],
                         help="step formulations, timed alternately (default: reference fused, + compiled on CUDA)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process = CPU time of this process: on a loaded machine use it with --threads 1")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
 
     try:
         device = resolve_device(args.device)
@@ -144,7 +151,7 @@ def main() -> None:
     variants = args.variants or (["reference", "fused"] + (["compiled"] if device.type == "cuda" else []))
     overrides = dict(item.split("=", 1) for item in args.set)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"device={device} ({name}) threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"device={device} ({name}) threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__}")
     header = f"{'lattice':>8} {'batch':>5} {'steps':>5} {'variant':>9} {'ms/step':>9} {'samples/s':>10}"
     print(header + f" {'cell-steps/s':>13} {'GFLOP/s':>8} {'matmul':>8} {'vs matmul':>9} {'speedup':>7} {'peak MB':>8}")
     for size in args.sizes:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,13 +46,18 @@ def run_study(cli: str, trials: int, epochs: int, folder: Path, cache_dir: str, 
                "--set", f"data.cache_dir={cache_dir}", "--storage", storage, "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
                "--name", "bench", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"study failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     study = optuna.load_study(study_name="bench", storage=storage)
-    return breakdown(study, started, ended)
+    result = breakdown(study, started, ended)
+    # CPU seconds the study used (all its threads): on a shared machine, less sensitive to the load than wall time
+    result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
 
 
 def breakdown(study: optuna.Study, started: float, ended: float) -> dict:
@@ -106,7 +112,7 @@ def main() -> None:
             row.update(label=label, round=r)
             results.append(row)
             print(json.dumps(row), flush=True)
-    keys = ["wall_s", "startup_s", "per_trial_s", "data_per_trial_s", "training_per_trial_s",
+    keys = ["wall_s", "cpu_s", "startup_s", "per_trial_s", "data_per_trial_s", "training_per_trial_s",
             "evaluation_per_trial_s", "tracking_per_trial_s", "report_s", "extrapolated_50_s"]
     print(f"{'label':>8} " + " ".join(f"{k:>22}" for k in keys))
     for row in results:
