@@ -212,7 +212,7 @@ def excess(name: str, raw: float, untrained: float, shuffled: float) -> float:
 
 
 @contextmanager
-def _one_thread():
+def single_thread():
     """Small SVDs and sorts run fastest on one thread; several threads on a busy machine slow them many-fold."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -254,7 +254,7 @@ class EmergenceNulls:
         n = teacher.shape[0]
         rows = [torch.randint(n, (n,), generator=gen) for _ in range(bootstrap)]
         teacher = teacher.float().cpu()
-        with _one_thread():
+        with single_thread():
             prep = Prepared.of(untrained, teacher)
             return cls(
                 teacher=teacher, untrained=untrained, untrained_values=emergence_values(untrained, teacher),
@@ -264,7 +264,7 @@ class EmergenceNulls:
 
     def compare(self, trained: CubeResponses, control: CubeResponses) -> dict[str, float]:
         """Both nulls, the excess and its bootstrap std per metric (the raw values are ``emergence_values``)."""
-        with _one_thread():
+        with single_thread():
             return self._compare(trained, control)
 
     def _compare(self, trained: CubeResponses, control: CubeResponses) -> dict[str, float]:
