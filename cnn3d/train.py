@@ -325,7 +325,8 @@ class _Loop:
 
 def _train(config, device, callbacks, out_dir, resume_from, show, data) -> TrainResult:
     started = time.perf_counter()
-    precheck(config)  # a bad train.init_from fails before the teacher runs
+    if not resume_from:  # a bad train.init_from fails before the teacher runs (a resume ignores it)
+        precheck(config)
     data = data or prepare_data(config, device, progress=show)
     model, transfer_meta = initial_student(config, data.teacher_dim, device, resume_from)  # init_from / grow stage
     optimizer = build_optimizer(model, config)
