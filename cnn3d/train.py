@@ -348,7 +348,8 @@ class _Loop:
 
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
     started = time.perf_counter()
-    precheck(config)  # a bad train.init_from fails before the teacher runs
+    if not resume_from:  # a bad train.init_from fails before the teacher runs (a resume ignores it)
+        precheck(config)
     data = data or prepare_data(config, device, progress=show)
     # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
     model, transfer_meta = initial_student(config, data.teacher_dim, device, resume.folder if resume else None)

@@ -123,19 +123,28 @@ def test_transferred_student_round_trips_through_its_checkpoint(tiny, small_chec
 
 
 @pytest.mark.slow
-def test_grow_schedule_trains_small_then_target_and_checkpoints_match_their_cube(tiny, tmp_path):
+def test_grow_schedule_trains_small_then_target_and_resumes_across_the_step(tiny, tmp_path):
     config, data = tiny
     grown = with_overrides(config, {"lattice.size": 6, "train.main_epochs": 2, "train.grow_schedule": "4x1"})
     seen = []
 
+    class Stop(Exception):
+        pass
+
     def after_epoch(report):
         model, saved, _ = load_student(tmp_path / "run")  # each checkpoint loads at its own size
         seen.append((model.dims, report.metrics["face_numbers"]))
+        if report.epoch == 1:
+            raise Stop  # interrupted after the small stage; the resume must grow on schedule
 
-    result = train(grown, data=data, out_dir=tmp_path / "run", progress=False, callbacks=[after_epoch])
+    with pytest.raises(Stop):
+        train(grown, data=data, out_dir=tmp_path / "run", progress=False, callbacks=[after_epoch])
+    result = train(grown, data=data, out_dir=tmp_path / "run", resume_from=tmp_path / "run", progress=False,
+                   callbacks=[after_epoch])
     assert seen == [((4, 4, 4), 16.0), ((6, 6, 6), 36.0)]  # baselines follow the cube of each epoch
-    assert result.model.dims == (6, 6, 6)
+    assert result.model.dims == (6, 6, 6) and len(result.history) == 1
     _, _, meta = load_student(tmp_path / "run")
+    assert meta["epochs_done"] == 2
     assert meta["grow"][0]["epoch"] == 2 and meta["grow"][0]["source_dims"] == [4, 4, 4]
 
 
