@@ -76,6 +76,28 @@ def run_cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+ABORT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, the shell's code for an interrupted command
+
+
+def _main_one_line(call: Callable[[], Any]) -> Any:
+    """Run a click ``main(standalone_mode=False)`` call; every error a user can cause ends as one line.
+
+    Usage errors and ``UserError`` exit 2 (or the error's own code), Ctrl-C (click's ``Abort``) exits 130,
+    the shell's code for an interrupted command. ``CliGroup`` and ``standalone`` (every cnn3d and tuner
+    command) share this, so the same fault gives the same exit code everywhere.
+    """
+    try:
+        return call()
+    except click.UsageError as exc:
+        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("interrupted", ABORT_EXIT_CODE)
+    except UserError as exc:
+        fail(str(exc), exc.exit_code)
+
+
 class CliGroup(click.Group):
     """A click group whose usage errors, like ``UserError``, print one ``error: ...`` line and exit 2."""
 
@@ -83,16 +105,8 @@ class CliGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            fail(f"{exc.format_message()} (see --help)", exc.exit_code)
-        except click.ClickException as exc:
-            fail(exc.format_message(), exc.exit_code)
-        except click.Abort:
-            fail("aborted", 1)
-        except UserError as exc:
-            fail(str(exc), exc.exit_code)
+        rv = _main_one_line(lambda: super(CliGroup, self).main(args, prog_name, complete_var, standalone_mode=False,
+                                                              **extra))
         # Without standalone mode click returns the exit code of ctx.exit()/--help; commands return None.
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -225,16 +239,12 @@ def cache_clear(config_path: str | None, assignments: tuple[str, ...], cache_dir
 
 
 def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, examples: list[dict]) -> None:
-    import json
-    from pathlib import Path
-
+    from .checkpoint import write_json_file
     from .config import flatten
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**metrics, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()},
                "examples": examples}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json_file(path, payload)  # strict JSON (non-finite metrics become null), written through a rename
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -247,13 +257,16 @@ def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, exam
               help="Checkpoint folder (weights, config.json, meta.json), written after every epoch.")
 @click.option("--resume", "resume_from", default=None, type=click.Path(file_okay=False),
               help="Continue from a checkpoint folder written by --out.")
+@click.option("--init-from", "init_from", default=None, type=click.Path(file_okay=False),
+              help="Start from a trained checkpoint of any lattice size (shorthand for --set train.init_from=...).")
 @click.option("--metrics-json", default=None, type=click.Path(dir_okay=False),
               help="Write the final epoch's metrics and the flattened config to this JSON file.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and range, then exit.")
 @config_options
 @run_cli
-def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, metrics_json, progress, list_keys, config_path,
+def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from, metrics_json, progress, list_keys,
+              config_path,
               assignments, log_level) -> None:
     """Train the lattice student against the teacher and report quality beside in-run baselines."""
     if list_keys:
@@ -262,9 +275,16 @@ def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, metrics_js
     setup_logging(log_level)
     from .train import NonFiniteLoss, train
 
-    config = build_config(config_path, assignments, {"data.corpus": corpus} if corpus else {}, preset_name)
+    extra = {"data.corpus": corpus} if corpus else {}
+    if init_from:
+        extra["train.init_from"] = init_from
+    config = build_config(config_path, assignments, extra, preset_name)
     if then_corpus:
         config = _with_then_corpus(config, then_corpus)
+    if metrics_json:  # fail now, not after the training time is spent (train() checks --out and --resume)
+        from .checkpoint import check_output_file
+
+        check_output_file(metrics_json, "--metrics-json")
     try:
         result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress)
     except NonFiniteLoss as exc:
@@ -349,14 +369,5 @@ def decode_main() -> None:
 
 
 def standalone(command: click.Command) -> None:
-    """Run a click command with usage errors reported as one line and exit code 2."""
-    try:
-        command.main(standalone_mode=False)
-    except click.UsageError as exc:
-        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
-    except click.ClickException as exc:
-        fail(exc.format_message(), exc.exit_code)
-    except click.Abort:
-        fail("aborted", 130)
-    except UserError as exc:
-        fail(str(exc), exc.exit_code)
+    """Run a click command with usage errors reported as one line and exit code 2 (Ctrl-C: 130)."""
+    _main_one_line(lambda: command.main(standalone_mode=False))

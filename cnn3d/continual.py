@@ -62,7 +62,6 @@ from .train import (
     _log_epoch,
     _Loop,
     _memory_metric,
-    _peak_rss_mb,
     _train_epoch,
     baselines,
     build_optimizer,
@@ -282,7 +281,7 @@ def _new_loop(config: Config, model: LatticeStudent, data: TrainingData, plan: l
     total = sum(math.ceil(len(epoch_texts(data, config, p, main_index[e])) / per_step) for e, p in enumerate(plan))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return _Loop(config, model, build_optimizer(model, config), device, dtype, scaler, total, max(1, total // 20),
-                 0, _peak_rss_mb(0.0))
+                 0, 0.0)
 
 
 def run_continual(config: Config, *, device: torch.device | None = None, domains: list[Domain] | None = None,

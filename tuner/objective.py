@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_MAX_SIDE = 16  # the report's 3D lattice view is downsampled to at most 16 cells a side
 DATA_KEYS = ("teacher.", "data.")  # config sections that decide the training data
+DATA_MEMO = 4  # prepared datasets a worker keeps (the teacher itself is memoised by cnn3d.teacher)
 
 
 class TrialRunner:
@@ -70,7 +71,9 @@ class TrialRunner:
             n = len(data.train_texts) + len(data.val_texts)
             return replace(data, cache_metrics={**data.cache_metrics, "cache_hit_rate": 1.0, "cache_hits": float(n),
                                                 "cache_misses": 0.0, "cache_computed": 0.0})
-        self._data = {key: prepare_data(config, self.device)}  # keep one: configs rarely alternate
+        if len(self._data) >= DATA_MEMO:  # a seed sweep alternates a few keys: keep the latest few
+            self._data.pop(next(iter(self._data)))
+        self._data[key] = prepare_data(config, self.device)
         return self._data[key]
 
     # -- the objective
@@ -124,7 +127,8 @@ class TrialRunner:
             metric = self.objectives[0].metric
             if single and metric in report.metrics:
                 trial.report(report.metrics[metric], report.epoch)
-                if trial.should_prune():
+                # a trial that did all its epochs is complete: pruning it now would only discard paid work
+                if report.epoch < report.total_epochs and trial.should_prune():
                     trial.set_user_attr("pruned_at_epoch", report.epoch)
                     self.overhead_seconds += time.perf_counter() - start
                     raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")

@@ -31,6 +31,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .report_data import (
+    EMERGENCE_METRICS,
     BestTrial,
     EffectPanel,
     Importance,
@@ -47,7 +48,9 @@ DEFAULT_REPORT_DIR = Path("studies/reports")
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#8c8c8c", "FAIL": "#d62728", "RUNNING": "#9467bd", "WAITING": "#bcbd22"}
 MEAN_COLOR = "#d62728"
-BASELINE_STYLE = {"PCA baseline": ("#2ca02c", "dash"), "mean-vector baseline": ("#ff7f0e", "dot")}
+BASELINE_STYLE = {"PCA baseline": ("#2ca02c", "dash"), "mean-vector baseline": ("#ff7f0e", "dot"),
+                  "untrained cube": ("#8c564b", "dash"), "shuffled control": ("#7f7f7f", "dot")}
+NULL_BAND = "rgba(127, 127, 127, 0.15)"  # shaded between an emergence metric's two nulls
 SERIES_COLORS = ["#9467bd", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#1f77b4"]
 PANEL_COLUMNS = 4
 
@@ -301,7 +304,10 @@ def _effects_section(data: ReportData) -> Section:
         "trials at their last epoch (on the quality panels only, unless no trial completed). Where a value was run with several seeds, the red line is the mean and its "
         "bars one standard deviation: an effect is believable when the means move by more than the bars "
         "(the panel title gives that ratio as <i>effect/noise</i>). Dashed lines are the in-run baselines "
-        "(PCA through the same face size, and predicting the mean vector)."))
+        "(PCA through the same face size, and predicting the mean vector). On the emergence panels the two nulls "
+        "measured in the same run are drawn instead, with the band between them shaded: the untrained cube "
+        "(same seed, initial weights) and a shuffled control (see docs/emergence.md); a value inside or below "
+        "the band is nothing the nulls do not show too."))
     if not data.effects:
         section.items.append(Note("No tuned parameter to show."))
     for effect in data.effects:
@@ -385,8 +391,10 @@ def _panel_traces(effect: ParamEffect, panel: EffectPanel, legend_seen: set[str]
         if len(points) == 1 or max(ys) - min(ys) < 1e-9:
             xs = _span(effect, panel, xs)
             ys = [ys[0]] * len(xs)
+        band = panel.role == "emergence" and name == "shuffled control" and "untrained cube" in panel.baselines
         traces.append(go.Scatter(x=xs, y=ys, mode="lines", line={"color": color, "dash": dash, "width": 1.5},
                                  name=name, legendgroup=name, showlegend=_first(name, legend_seen),
+                                 fill="tonexty" if band else None, fillcolor=NULL_BAND if band else None,
                                  hovertemplate=f"{name}: %{{y:.4g}}<extra></extra>"))
     return traces
 
@@ -614,6 +622,8 @@ def _best_section(data: ReportData) -> Section:
         section.items.append(Note("No complete trial, so there is no best trial to show."))
         return section
     section.items.append(Html(_best_metrics_table(best)))
+    if any(f"{name}_excess" in best.metrics for name in EMERGENCE_METRICS):
+        section.items.append(Html(emergence_table(best.metrics)))
     if best.note:
         section.items.append(Note(best.note))
     if best.examples:
@@ -637,6 +647,22 @@ def _best_metrics_table(best: BestTrial) -> str:
         return "<p class=\"note\">The best trial stored no final metrics.</p>"
     body = "".join(f"<tr><td>{html.escape(k)}</td><td class=\"num\">{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table><tr><th>final metric</th><th>value</th></tr>{body}</table>"
+
+
+def emergence_table(metrics: dict[str, float]) -> str:
+    """Every emergence metric beside its two nulls, the excess ± bootstrap std and a plain verdict."""
+    rows = []
+    for name in EMERGENCE_METRICS:
+        if f"{name}_excess" not in metrics:
+            continue
+        ex, sd = metrics[f"{name}_excess"], metrics.get(f"{name}_excess_std", 0.0)
+        verdict = "beyond both nulls" if ex > 2 * sd and ex > 0 else "indistinguishable from its nulls"
+        cells = [label(name), _fmt(metrics.get(name)), _fmt(metrics.get(f"{name}_null_untrained")),
+                 _fmt(metrics.get(f"{name}_null_shuffled")), f"{ex:+.4g} ± {sd:.2g}", verdict]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("emergence metric", "trained", "untrained cube", "shuffled control",
+                                              "excess ± std", "verdict (excess > 2 std)"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def examples_table(examples: list[dict[str, Any]]) -> str:

@@ -25,13 +25,18 @@ import optuna.distributions as D
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from .stores import redact
+
 logger = logging.getLogger(__name__)
 
 BASELINES = {"baseline_pca_cosine": "PCA baseline", "baseline_mean_cosine": "mean-vector baseline"}
 BASELINE_METRICS = ("val_cosine",)  # metrics on the baselines' scale (cosine to the teacher)
 QUALITY_EXTRA = ("val_cosine", "decode_top1")  # quality panels shown beside the objectives
 COST_METRICS = ("throughput_samples_per_s", "peak_memory_mb")
-EMERGENCE_METRICS = ("effective_dim", "cell_specialization", "expert_usage_entropy")
+EMERGENCE_METRICS = ("effective_dim", "mutual_info_front_back", "cell_specialization", "expert_usage_entropy",
+                     "activation_sparsity", "rsa_teacher")
+# each emergence metric's nulls, measured in the same run (cnn3d.analysis): suffix -> name on the panel
+EMERGENCE_NULLS = {"_null_untrained": "untrained cube", "_null_shuffled": "shuffled control"}
 EXPERT_USAGE = "expert_usage"  # one panel; a trace per expert_usage_<name>
 CURVE_METRICS = ("val_cosine", "train_loss", "val_loss", "val_mse", "decode_top1")
 MLFLOW_HISTORY_KEYS = ("val_cosine", "train_loss", "val_mse", "throughput_samples_per_s", "peak_memory_mb",
@@ -48,6 +53,9 @@ LABELS = {
     "effective_dim": "effective dimensionality",
     "cell_specialization": "cell specialisation",
     "expert_usage_entropy": "expert usage entropy",
+    "mutual_info_front_back": "mutual information front-back (nats)",
+    "activation_sparsity": "activation sparsity",
+    "rsa_teacher": "RSA with the teacher",
     EXPERT_USAGE: "expert usage (share of cells)",
 }
 EVALUATORS = ("PED-ANOVA", "fANOVA")
@@ -300,7 +308,7 @@ def build_report_data(study: optuna.Study, mlflow_client: Any = None,
         params=params, param_specs=list(attrs.get("params", [])), counts=counts,
         wall_seconds=(ended - started).total_seconds() if started and ended else None, started=started, ended=ended,
         trials=trials, best=None, pareto=[], effects=[], importances=[], top_pair=None,
-        curves=_curves(trials, objectives), tracking_uri=attrs.get("tracking_uri"),
+        curves=_curves(trials, objectives), tracking_uri=redact(attrs.get("tracking_uri") or "") or None,
         experiment_url=ui.experiment(), parent_run_url=ui.run(attrs.get("mlflow_parent_run_id")),
         notices=notices, directions=directions, frozen_trials=[_light_copy(t) for t in finished],
     )
@@ -647,6 +655,9 @@ def _panel(param: ParamInfo, trials: list[TrialRecord], metric: str, title: str,
     panel.effect_to_noise = _effect_to_noise(panel.groups)
     if metric in BASELINE_METRICS:
         panel.baselines = _baselines(param, [t for t in trials if t.state == "COMPLETE"] or trials)
+    elif metric in EMERGENCE_METRICS:
+        nulls = {metric + suffix: name for suffix, name in EMERGENCE_NULLS.items()}
+        panel.baselines = _baselines(param, [t for t in trials if t.state == "COMPLETE"] or trials, nulls)
     return panel
 
 
@@ -676,10 +687,11 @@ def _effect_to_noise(groups: list[GroupStat]) -> float | None:
     return spread / pooled
 
 
-def _baselines(param: ParamInfo, trials: list[TrialRecord]) -> dict[str, list[tuple[Any, float]]]:
-    """Per parameter value, the mean in-run baseline (they change when the face size does)."""
+def _baselines(param: ParamInfo, trials: list[TrialRecord],
+               names: dict[str, str] | None = None) -> dict[str, list[tuple[Any, float]]]:
+    """Per parameter value, the mean in-run baseline or null (``names``: metric key -> shown name)."""
     out = {}
-    for metric, name in BASELINES.items():
+    for metric, name in (names or BASELINES).items():
         buckets: dict[Any, list[float]] = {}
         for t in trials:
             if _is_number(t.metrics.get(metric)):

@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from cnn3d.errors import UserError
 
+from .stores import redact, store_lock
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
@@ -81,6 +83,19 @@ def with_retries(fn, what: str, attempts: int = 6, first_delay: float = 0.5):
             delay *= 2
 
 
+def open_tracking_client(uri: str) -> MlflowClient:
+    """A client whose store exists: the first process to open a fresh store creates its tables while
+    holding ``store_lock``, so processes starting together never race on MLflow's migrations."""
+
+    def ready() -> MlflowClient:
+        client = MlflowClient(tracking_uri=uri)  # a database store creates its tables here
+        client.search_experiments(max_results=1)
+        return client
+
+    with store_lock(uri):
+        return with_retries(ready, what=f"the MLflow tracking store {redact(uri)}")
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
@@ -92,10 +107,10 @@ class StudyTracker:
 
     def __init__(self, tracking_uri: str, study_name: str, system_metrics: bool = True):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = open_tracking_client(tracking_uri)
         self.study_name = study_name
         self.system_metrics = system_metrics
-        self.experiment_id = with_retries(self._experiment, what=f"the MLflow tracking store {tracking_uri}")
+        self.experiment_id = with_retries(self._experiment, what=f"the MLflow tracking store {redact(tracking_uri)}")
 
     # -- experiment and parent run
 

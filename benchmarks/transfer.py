@@ -1,0 +1,135 @@
+"""Transfer between cube sizes and growing during training, against training from scratch, in one run.
+
+    python benchmarks/transfer.py --sentences 800 --source-epochs 5 --epochs 4 --grow 8x2
+
+1. Trains a source student on the ``test`` preset (8x8x8) and saves it.
+2. Trains the target (``wide`` preset, 16x16 face, depth 8) from scratch and from the
+   source (``train.init_from``), same data, seed and schedule. Prints val_cosine right
+   after the transfer (before any training) beside an untrained target, then per epoch
+   val_cosine, its fraction of the target's PCA ceiling and the cumulative seconds, and
+   the epochs and seconds each arm needs to reach 0.5/0.7/0.8/0.9 x the ceiling.
+3. Trains the target with ``train.grow_schedule`` (small first, then the target size) for
+   the same number of epochs, and compares quality at equal wall time with the fixed-size
+   scratch run.
+
+Every figure stands beside the PCA ceiling and the mean-vector floor of the same split.
+Times come from one process on a possibly shared machine; compare arms, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cnn3d import build_model, preset, with_overrides
+from cnn3d.train import baselines, evaluate, prepare_data, train
+from cnn3d.transfer import initial_student
+
+FRACTIONS = (0.5, 0.7, 0.8, 0.9)
+
+
+def curve(history: list[dict], start_seconds: float = 0.0) -> list[tuple[int, float, float]]:
+    """(epoch, val_cosine, cumulative seconds) per validated epoch."""
+    out, seconds = [], start_seconds
+    for m in history:
+        seconds += m["epoch_seconds"]
+        if "val_cosine" in m:
+            out.append((int(m["epoch"]), m["val_cosine"], seconds))
+    return out
+
+
+def first_reaching(points, threshold: float) -> tuple[int, float] | None:
+    return next(((e, s) for e, v, s in points if v >= threshold), None)
+
+
+def at_time(points, seconds: float) -> float | None:
+    """val_cosine of the last epoch finished within ``seconds``."""
+    done = [v for _, v, s in points if s <= seconds]
+    return done[-1] if done else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=800, help="data.max_sentences (built-in corpus)")
+    parser.add_argument("--source-epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each target run")
+    parser.add_argument("--target", default="wide", help="preset of the larger cube")
+    parser.add_argument("--grow", default="8x2", help="train.grow_schedule of the growing run ('' skips it)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    common = {"data.max_sentences": args.sentences, "train.num_threads": args.threads, "train.device": "cpu",
+              **dict(s.split("=", 1) for s in args.set)}
+    source_cfg = with_overrides(preset("test"), {**common, "train.main_epochs": args.source_epochs})
+    target_cfg = with_overrides(preset(args.target), {**common, "train.main_epochs": args.epochs})
+    device = torch.device("cpu")
+    data = prepare_data(target_cfg, device)
+    print(f"data: {len(data.train_texts)} train / {len(data.val_texts)} val sentences; threads={args.threads}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "source"
+        t0 = time.perf_counter()
+        src = train(source_cfg, data=data, out_dir=folder, progress=False)
+        src_seconds = time.perf_counter() - t0
+        sm = src.metrics
+        print(f"source 8x8x8: {args.source_epochs} epochs in {src_seconds:.0f}s, val_cosine {sm['val_cosine']:.4f} "
+              f"(pca-{int(sm['face_numbers'])} {sm['baseline_pca_cosine']:.4f}, mean {sm['baseline_mean_cosine']:.4f})")
+
+        base = baselines(data, target_cfg)
+        ceiling, floor = base["baseline_pca_cosine"], base["baseline_mean_cosine"]
+        dims = "x".join(map(str, target_cfg.lattice.dims))
+        print(f"target {args.target} ({dims}, face {target_cfg.lattice.face_numbers}): pca ceiling {ceiling:.4f}, "
+              f"mean floor {floor:.4f}")
+        transfer_cfg = with_overrides(target_cfg, {"train.init_from": str(folder)})
+        untrained = evaluate(build_model(target_cfg, data.teacher_dim), data, target_cfg, device, None)["metrics"]
+        t0 = time.perf_counter()
+        seeded, _ = initial_student(transfer_cfg, data.teacher_dim, device)
+        transfer_seconds = time.perf_counter() - t0
+        after = evaluate(seeded, data, transfer_cfg, device, None)["metrics"]
+        print(f"before training: scratch val_cosine {untrained['val_cosine']:.4f} | transferred "
+              f"{after['val_cosine']:.4f} ({after['val_cosine'] / ceiling:.3f} of ceiling; transfer step "
+              f"{transfer_seconds:.1f}s) | source on its own face {sm['val_cosine']:.4f}")
+
+        runs = {
+            "scratch": curve(train(target_cfg, data=data, progress=False).history),
+            "transfer": curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds),
+        }
+        if args.grow:
+            grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow})
+            runs[f"grow {args.grow}"] = curve(train(grow_cfg, data=data, progress=False).history)
+        report(runs, ceiling, args)
+
+
+def report(runs: dict[str, list], ceiling: float, args) -> None:
+    print("\nper epoch: val_cosine (fraction of ceiling) @ cumulative seconds")
+    for name, points in runs.items():
+        print(f"  {name:14} " + "  ".join(f"e{e}: {v:.4f} ({v / ceiling:.3f}) @{s:.0f}s" for e, v, s in points))
+    print("\nepochs (seconds) to reach a fraction of the ceiling")
+    for frac in FRACTIONS:
+        cells = []
+        for name, points in list(runs.items())[:2]:
+            hit = first_reaching(points, frac * ceiling)
+            cells.append(f"{name} {hit[0]} ({hit[1]:.0f}s)" if hit else f"{name} not in {args.epochs}")
+        print(f"  {frac:.1f} x ceiling: " + " | ".join(cells))
+    scratch, transfer = runs["scratch"], runs["transfer"]
+    target = first_reaching(scratch, 0.9 * ceiling), first_reaching(transfer, 0.9 * ceiling)
+    if all(target):
+        print(f"  transfer/scratch epochs to 0.9 x ceiling: {target[1][0] / target[0][0]:.2f} (target <= 0.5)")
+    else:
+        print("  0.9 x ceiling not reached by both arms within the epochs run: ratio not measured")
+    if args.grow:
+        grow = runs[f"grow {args.grow}"]
+        end = grow[-1][2]
+        fixed = at_time(scratch, end)
+        print(f"\nequal wall time ({end:.0f}s, the grow run's total): grow {grow[-1][1]:.4f} "
+              f"({grow[-1][1] / ceiling:.3f}) vs fixed size "
+              + (f"{fixed:.4f} ({fixed / ceiling:.3f})" if fixed is not None else "no epoch finished yet"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""One lattice, several teachers: a teacher->face and face->teacher map per teacher, a shared cube.
+
+``MultiTeacherStudent`` keeps one ``LatticeStudent`` (``core``: the lattice, face I/O and the
+first teacher's maps) plus an ``EmbeddingTransformer`` per further teacher (``heads``); every
+teacher's embedding goes through the same cube. ``train_multi`` trains it on one corpus embedded
+by every teacher and reports, per teacher, ``val_cosine/<teacher>`` beside that teacher's own
+PCA ceiling and mean floor (``baseline_pca_cosine/<teacher>``, ``baseline_mean_cosine/<teacher>``)
+and decoding accuracy against the corpus embedded by that teacher, plus ``val_cosine_fraction``: the
+mean over teachers of val_cosine / PCA ceiling, a combined objective on one scale for teachers
+whose ceilings differ.
+
+Adding a teacher to a trained student: ``student.add_teacher(name, dim)``, then
+``train_multi(..., student=student, train_only=(name,))`` trains only the new maps with the cube
+and the other maps frozen; a second call without ``train_only`` fine-tunes everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import metrics as M
+from .cache import EmbeddingCache, embed_with_cache
+from .checkpoint import load_weights, read_checkpoint_meta, save_checkpoint
+from .config import Config, TeacherConfig, from_dict, to_dict
+from .data import load_corpus
+from .decode import PhraseBank, build_bank
+from .errors import UserError
+from .losses import total_loss
+from .model import LatticeStudent, StudentOutput, build_model
+from .teacher import load_teacher
+from .transform import EmbeddingTransformer
+
+logger = logging.getLogger(__name__)
+
+
+class MultiTeacherStudent(nn.Module):
+    """A shared lattice with one pair of face maps per teacher; ``forward(embedding, teacher)``."""
+
+    def __init__(self, config: Config, teacher_dims: Mapping[str, int]):
+        super().__init__()
+        if not teacher_dims:
+            raise UserError("a multi-teacher student needs at least one teacher")
+        self.config = config
+        self.teacher_dims = dict(teacher_dims)
+        first, *_ = self.teacher_dims
+        self.first = first
+        self.core = build_model(config, self.teacher_dims[first])  # lattice, face I/O, first teacher's maps
+        self.heads = nn.ModuleDict()
+        for name in list(self.teacher_dims)[1:]:
+            self.heads[name] = self._new_head(self.teacher_dims[name])
+
+    @property
+    def teachers(self) -> list[str]:
+        return list(self.teacher_dims)
+
+    def _new_head(self, dim: int) -> EmbeddingTransformer:
+        _, h, w = self.core.dims
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed + len(self.teacher_dims))
+            return EmbeddingTransformer(self.config.transform, dim, (self.config.lattice.face_channels, h, w))
+
+    def maps(self, teacher: str) -> EmbeddingTransformer:
+        """The teacher's face maps; an unknown name is a ``UserError`` listing the known ones."""
+        if teacher == self.first:
+            return self.core.transform
+        if teacher not in self.heads:
+            raise UserError(f"unknown teacher {teacher!r}; this student knows {', '.join(self.teachers)}")
+        return self.heads[teacher]
+
+    def add_teacher(self, name: str, dim: int) -> None:
+        """New maps for ``name`` (``dim``-D embeddings) over the same cube."""
+        if name in self.teacher_dims:
+            raise UserError(f"teacher {name!r} is already part of this student")
+        self.teacher_dims[name] = dim
+        self.heads[name] = self._new_head(dim)
+
+    def forward(self, embedding: torch.Tensor, teacher: str) -> StudentOutput:
+        maps = self.maps(teacher)
+        face_in = maps.to_face(embedding)  # [B, F, H, W]
+        state, gates, activity = self.core.run_lattice(face_in)
+        face_out = self.core.face_io.readout(state[:, :, -1])
+        return StudentOutput(maps.from_face(face_out), face_in, face_out, state, gates, activity)
+
+    def trainable(self, only: Sequence[str] = ()) -> list[nn.Parameter]:
+        """All parameters, or (``only``) those of the named teachers' maps, the rest frozen."""
+        params = [p for name in only for p in self.maps(name).parameters()] if only else list(self.parameters())
+        keep = {id(p) for p in params}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in keep)
+        return params
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TeacherData:
+    """One teacher's embeddings of the shared corpus, and its phrase bank."""
+
+    train: torch.Tensor  # [N, T_teacher]
+    val: torch.Tensor  # [M, T_teacher]
+    bank: PhraseBank
+    baselines: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MultiData:
+    train_texts: list[str]
+    val_texts: list[str]
+    teachers: dict[str, TeacherData]
+
+
+def prepare_multi(config: Config, teachers: Mapping[str, TeacherConfig], device: torch.device) -> MultiData:
+    """The corpus of ``config.data`` embedded by every teacher (through the shared cache)."""
+    corpus = load_corpus(config.data, min_sentences=config.train.batch_size, seed=config.train.seed)
+    # the bank is the corpus itself: every teacher embeds nothing beyond it
+    bank_texts = texts = list(dict.fromkeys(corpus.train + corpus.validation))
+    row = {t: i for i, t in enumerate(texts)}
+    cache = EmbeddingCache.from_config(config.data)
+    out = {}
+    for name, tcfg in teachers.items():
+        vectors = embed_with_cache(load_teacher(tcfg, device), texts, cache)
+        train, val, bank = (vectors[[row[t] for t in ts]] for ts in (corpus.train, corpus.validation, bank_texts))
+        k = config.lattice.face_numbers
+        out[name] = TeacherData(train, val, build_bank(bank_texts, bank), {
+            "baseline_pca_cosine": M.baseline_pca_cosine(train, val, k),
+            "baseline_mean_cosine": M.baseline_mean_cosine(train, val),
+        })
+    return MultiData(corpus.train, corpus.validation, out)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def evaluate_multi(student: MultiTeacherStudent, data: MultiData, batch: int = 256) -> dict[str, float]:
+    """Per teacher: val_cosine, its baselines, fraction of its ceiling, decode top-1; plus the combined mean."""
+    student.eval()
+    metrics: dict[str, float] = {}
+    fractions = []
+    for name, td in data.teachers.items():
+        pred = torch.cat([student(td.val[i : i + batch], name).embedding.float() for i in range(0, len(td.val), batch)])
+        cosine = M.mean_cosine(pred, td.val)
+        ceiling = td.baselines["baseline_pca_cosine"]
+        metrics[f"val_cosine/{name}"] = cosine
+        metrics[f"baseline_pca_cosine/{name}"] = ceiling
+        metrics[f"baseline_mean_cosine/{name}"] = td.baselines["baseline_mean_cosine"]
+        metrics[f"val_cosine_fraction/{name}"] = cosine / ceiling
+        metrics[f"decode_top1/{name}"] = td.bank.accuracy(pred, data.val_texts, k=1)[0]
+        fractions.append(cosine / ceiling)
+    metrics["val_cosine_fraction"] = sum(fractions) / len(fractions)
+    return metrics
+
+
+@dataclass
+class MultiResult:
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    student: MultiTeacherStudent
+    seconds: float
+
+
+def train_multi(config: Config, data: MultiData, *, student: MultiTeacherStudent | None = None,
+                train_only: Sequence[str] = (), epochs: int | None = None) -> MultiResult:
+    """Train on every teacher of ``data`` (each batch: the mean of the teachers' losses).
+
+    ``train_only`` names teachers whose maps alone are trained (the cube and the other maps stay
+    frozen): the first stage of adding a teacher. ``epochs`` defaults to ``train.main_epochs``.
+    """
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        if student is None:
+            student = MultiTeacherStudent(config, {n: td.train.shape[1] for n, td in data.teachers.items()})
+        missing = [n for n in data.teachers if n not in student.teacher_dims]
+        if missing:
+            raise UserError(f"the student has no maps for teacher(s) {', '.join(missing)}; add_teacher first")
+        params = student.trainable(train_only)
+        optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        generator = torch.Generator().manual_seed(config.train.seed)
+        history = []
+        for epoch in range(epochs if epochs is not None else config.train.main_epochs):
+            loss = _epoch(student, data, config, optimizer, params, generator)
+            history.append({"epoch": epoch + 1, "train_loss": loss, **evaluate_multi(student, data)})
+            logger.info("epoch %d: val_cosine_fraction %.4f", epoch + 1, history[-1]["val_cosine_fraction"])
+        student.trainable(())  # leave every parameter trainable again
+    return MultiResult(history[-1] if history else evaluate_multi(student, data), history, student,
+                       time.perf_counter() - started)
+
+
+def _epoch(student, data: MultiData, config: Config, optimizer, params, generator) -> float:
+    student.train()
+    order = torch.randperm(len(data.train_texts), generator=generator)
+    total, batches = 0.0, 0
+    for start in range(0, len(order), config.train.batch_size):
+        idx = order[start : start + config.train.batch_size]
+        loss = sum(_teacher_loss(student, name, td.train[idx], config) for name, td in data.teachers.items())
+        loss = loss / len(data.teachers)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {loss.item()}; lower train.lr")
+        loss.backward()
+        if config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+        batches += 1
+    return total / max(batches, 1)
+
+
+def _teacher_loss(student, name: str, target: torch.Tensor, config: Config) -> torch.Tensor:
+    out = student(target, name)
+    return total_loss(config.loss, out.embedding, target, out.activity, out.gates)[0]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_multi(folder: str | Path, student: MultiTeacherStudent, teachers: Mapping[str, TeacherConfig],
+               metrics: dict[str, float] | None = None) -> Path:
+    """A checkpoint folder (same files as ``cnn3d-train --out``) with every teacher in ``meta.json``."""
+    meta = {
+        "teacher_dim": student.teacher_dims[student.first],
+        "teachers": {n: {"dim": student.teacher_dims[n], "config": to_dict(Config(teacher=teachers[n]))["teacher"]}
+                     for n in student.teachers},
+        "metrics": metrics or {},
+    }
+    return save_checkpoint(folder, student, student.config, meta)
+
+
+def load_multi(folder: str | Path, device: torch.device | str = "cpu") -> tuple[MultiTeacherStudent, dict[str, TeacherConfig]]:
+    """A multi-teacher checkpoint as (student, teacher configs by name)."""
+    config, meta = read_checkpoint_meta(folder)
+    if "teachers" not in meta:
+        raise UserError(f"{folder} is a single-teacher checkpoint; load it with cnn3d.transfer.load_student")
+    teachers = {n: from_dict({"teacher": t["config"]}).teacher for n, t in meta["teachers"].items()}
+    student = MultiTeacherStudent(config, {n: int(t["dim"]) for n, t in meta["teachers"].items()})
+    load_weights(folder, student, device)
+    return student.to(device), teachers
+
+
+@torch.no_grad()
+def decode_multi(student: MultiTeacherStudent, teachers: Mapping[str, TeacherConfig], texts: list[str],
+                 bank_texts: list[str], device: torch.device | str = "cpu") -> dict[str, list[tuple[str, float]]]:
+    """Per teacher: each text embedded by that teacher, through the student, to its nearest bank phrase."""
+    student.eval()
+    bank_texts = list(dict.fromkeys(bank_texts + texts))
+    out: dict[str, Any] = {}
+    for name, tcfg in teachers.items():
+        teacher = load_teacher(tcfg, device)
+        bank = build_bank(bank_texts, teacher.embed(bank_texts))
+        out[name] = bank.decode(student(teacher.embed(texts).to(device), name).embedding)
+    return out
+
+
+def as_single(student: MultiTeacherStudent) -> LatticeStudent:
+    """The shared cube with the first teacher's maps: a plain student, e.g. for ``cnn3d.transfer``."""
+    return student.core

@@ -1,0 +1,322 @@
+"""Carry a trained student's weights into a student of another lattice size, depth or face.
+
+Every cell runs the same experts and gate, so their weights copy exactly whatever the
+lattice's size. What depends on the face grid -- the teacher->face and face->teacher maps,
+the face LayerNorms and the positional encoding, all indexed by face position
+``f * H * W + y * W + x`` -- is resampled over the grid: values that live *on* the face
+(encoder outputs, norms, positions) are interpolated bilinearly, ``A = A_h (x) A_w``, and the
+decoder's weights, which *read* the face, are multiplied by the pseudo-inverse of that
+interpolation, so that ``decode' . A = decode`` whenever ``A`` only adds cells (growing): a
+face that the lattice merely carries decodes to the same vector as before. Why this and not a
+size-free parametrisation is argued in docs/transfer.md.
+
+Size-dependent fixed patterns (the distant links, the functional expert's inside mask) are
+buffers built at construction: the target keeps its own, drawn by the same rule at its size.
+``transfer_weights`` returns a ``TransferTable`` naming what was copied, resampled, freshly
+initialised, redrawn or dropped; the trainer logs it and keeps it in the checkpoint's meta.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_weights, read_checkpoint_meta
+from .config import Config, flatten, grow_stages, with_overrides
+from .errors import UserError
+from .model import LatticeStudent, build_model
+
+logger = logging.getLogger(__name__)
+
+FACE_PREFIX = "transform."  # parameters indexed by face position
+READ_SIDE = "transform.decode."  # maps that read the face (face on their input axis)
+# parameter-name fragments of the cell that only fit when these config keys agree
+CELL_KEYS = {
+    "experts.local.mlp": "moe.local_hidden",
+    "experts.functional.offset_bias": "moe.functional_radius",
+    "experts.distant.link_weight": "moe.distant_links",
+}
+
+
+class TransferError(UserError):
+    """The source student cannot seed the target (different cell, expert set or teacher dimension)."""
+
+
+@dataclass
+class TransferTable:
+    """What happened to every tensor of the target: one list of ``"name [shape]"`` strings per action."""
+
+    source: str
+    source_dims: list[int]
+    target_dims: list[int]
+    copied: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)  # face-dependent, interpolated over the face grid
+    fresh: list[str] = field(default_factory=list)  # no counterpart in the source: kept at initialisation
+    redrawn: list[str] = field(default_factory=list)  # size-dependent fixed patterns rebuilt at the target's size
+    dropped: list[str] = field(default_factory=list)  # in the source only
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (kept in a checkpoint's ``meta.json`` under ``transfer``)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: sizes and the count per action."""
+        counts = ", ".join(f"{len(getattr(self, k))} {k}" for k in ("copied", "resampled", "fresh", "redrawn", "dropped"))
+        dims = lambda d: "x".join(map(str, d))  # noqa: E731
+        return f"transfer from {self.source} ({dims(self.source_dims)} -> {dims(self.target_dims)}): {counts}"
+
+    def lines(self) -> list[str]:
+        """The table, one tensor a line: ``action  name [shape]``."""
+        return [f"{k:9} {entry}" for k in ("copied", "resampled", "fresh", "redrawn", "dropped") for entry in getattr(self, k)]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def load_student(folder: str | Path, device: torch.device | str = "cpu") -> tuple[LatticeStudent, Config, dict]:
+    """A checkpoint folder as (model, config, meta); a folder that is not a readable checkpoint is a ``UserError``."""
+    config, meta = read_checkpoint_meta(folder)
+    if "teacher_dim" not in meta:
+        raise UserError(f"{folder}/meta.json has no teacher_dim; pass a folder written by cnn3d-train --out")
+    model = build_model(config, int(meta["teacher_dim"]))
+    try:
+        load_weights(folder, model, device)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise UserError(f"{folder}: weights do not match its config.json ({str(exc).splitlines()[0][:160]})") from None
+    return model.to(device), config, meta
+
+
+# --------------------------------------------------------------------------- the face grid
+
+
+def _interp_matrix(n_from: int, n_to: int) -> torch.Tensor:
+    """``[n_to, n_from]``: linear interpolation of a 1-D grid (cell centres, edges clamped)."""
+    if n_from == n_to:
+        return torch.eye(n_to)
+    basis = torch.eye(n_from, dtype=torch.float64).unsqueeze(1)  # [n_from, 1, n_from]
+    return F.interpolate(basis, size=n_to, mode="linear", align_corners=False)[:, 0].T.float()
+
+
+def _face_view(t: torch.Tensor, axis: int, face: tuple[int, int, int]) -> torch.Tensor:
+    """Split ``axis`` (F*H*W numbers) into (F, H, W), moved last: ``[..., F, H, W]``."""
+    return t.movedim(axis, -1).reshape(*t.movedim(axis, -1).shape[:-1], *face)
+
+
+def resample_face(t: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tuple[int, int, int],
+                  read_side: bool) -> torch.Tensor:
+    """Resample ``t``'s face axis from face ``src`` (F, H, W) to ``dst`` (same F).
+
+    ``read_side=False``: values on the face, ``A_h v A_w^T``. ``read_side=True``: weights that
+    read the face, ``w pinv(A_h) ... pinv(A_w)^T``, so ``resampled(w) . A = w`` when growing.
+    """
+    a_h, a_w = _interp_matrix(src[1], dst[1]), _interp_matrix(src[2], dst[2])  # [H', H], [W', W]
+    if read_side:
+        a_h, a_w = torch.linalg.pinv(a_h).T, torch.linalg.pinv(a_w).T  # [H', H] again: pinv is [H, H']
+    v = _face_view(t.float(), axis, src)  # [..., F, H, W]
+    out = torch.einsum("ia,...fab,jb->...fij", a_h, v, a_w)  # [..., F, H', W']
+    out = out.reshape(*out.shape[:-3], dst[0] * dst[1] * dst[2])
+    return out.movedim(-1, axis).to(t.dtype)
+
+
+def _face_axis(name: str, src: torch.Tensor, dst: torch.Tensor, n_src: int, n_dst: int) -> int | None:
+    """The axis indexed by face position in both tensors, or None when the shapes do not line up."""
+    if src.dim() != dst.dim():
+        return None
+    axes = [i for i in range(src.dim()) if src.shape[i] == n_src and dst.shape[i] == n_dst]
+    others_equal = lambda i: all(src.shape[j] == dst.shape[j] for j in range(src.dim()) if j != i)  # noqa: E731
+    axes = [i for i in axes if others_equal(i)]
+    if not axes:
+        return None
+    # Linear weights are [out, in]: a map that reads the face has it on its input axis
+    return axes[-1] if name.startswith(READ_SIDE) else axes[0]
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def _cell_problems(source: LatticeStudent, target: LatticeStudent) -> list[str]:
+    problems = []
+    if source.state_size != target.state_size:
+        problems.append(f"lattice.state_size {source.state_size} != {target.state_size}")
+    if source.expert_names != target.expert_names:
+        problems.append(f"moe.experts {','.join(source.expert_names)} != {','.join(target.expert_names)}")
+    if source.teacher_dim != target.teacher_dim:
+        problems.append(f"teacher dimension {source.teacher_dim} != {target.teacher_dim} (a different teacher needs a new adapter)")
+    if problems:
+        return problems
+    src, dst = source.processor.state_dict(), target.processor.state_dict()
+    for name, tensor in dst.items():
+        if name in src and src[name].shape != tensor.shape and not name.endswith(".links"):
+            key = next((k for frag, k in CELL_KEYS.items() if frag in name), f"processor.{name}")
+            problems.append(f"{key} ({name} {list(src[name].shape)} != {list(tensor.shape)})")
+    return sorted(set(problems))
+
+
+def precheck(config: Config) -> None:
+    """Fail fast, before any data work, when ``train.init_from`` is no checkpoint or has another cell."""
+    if not config.train.init_from:
+        return
+    source, _ = read_checkpoint_meta(config.train.init_from)
+    keys = ("lattice.state_size", "moe.experts", "moe.local_hidden", "moe.functional_radius", "moe.distant_links")
+    flat_src, flat_dst = flatten(source), flatten(config)
+    problems = [f"{k} {_show(flat_src[k])} != {_show(flat_dst[k])}" for k in keys if flat_src[k] != flat_dst[k]]
+    if problems:
+        raise TransferError(
+            f"cannot transfer {config.train.init_from} into this model: {'; '.join(problems)} "
+            "(the cell and the teacher must match; size, depth, steps and face may differ)"
+        )
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def check_compatible(source: LatticeStudent, target: LatticeStudent, source_name: str = "the source") -> None:
+    """Raise ``TransferError`` naming every config key that must match but does not."""
+    problems = _cell_problems(source, target)
+    if problems:
+        raise TransferError(
+            f"cannot transfer {source_name} into this model: {'; '.join(problems)} "
+            "(the cell and the teacher must match; size, depth, steps and face may differ)"
+        )
+
+
+# --------------------------------------------------------------------------- the transfer
+
+
+def _entry(name: str, src: torch.Tensor | None, dst: torch.Tensor) -> str:
+    shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
+    return f"{name} [{shape(src)} -> {shape(dst)}]" if src is not None and src.shape != dst.shape else f"{name} [{shape(dst)}]"
+
+
+@torch.no_grad()
+def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent) -> TransferTable:
+    """Fill ``target`` from ``source`` (a student or a checkpoint folder); returns what was done to each tensor.
+
+    Raises ``TransferError`` (a ``UserError``) when the cell, expert set or teacher dimension differ.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else "a student"
+    if isinstance(source, (str, Path)):
+        source = load_student(source)[0]
+    check_compatible(source, target, name)
+    src_face, dst_face = source.transform.face, target.transform.face  # (F, H, W)
+    table = TransferTable(name, list(source.dims), list(target.dims))
+    src_state = {k: v.detach().cpu() for k, v in source.state_dict().items()}
+    buffers = {k for k, _ in target.named_buffers()}
+    new_state = {}
+    for key, dst in target.state_dict().items():
+        new_state[key] = _transfer_one(key, src_state.get(key), dst, key in buffers, src_face, dst_face, table)
+    target.load_state_dict(new_state, strict=True)
+    persistent = set(new_state)
+    table.redrawn += [_entry(k, None, b) + " (rebuilt at construction)" for k, b in target.named_buffers()
+                      if k not in persistent and source.dims != target.dims]
+    table.dropped += [_entry(k, v, v) for k, v in src_state.items() if k not in new_state]
+    return table
+
+
+def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferTable) -> torch.Tensor:
+    """The value ``key`` gets in the target, recording the action in ``table``."""
+    face_changed = src_face != dst_face and key.startswith(FACE_PREFIX)
+    if is_buffer:  # fixed patterns: the target's own, drawn by the same rule at its size
+        if src is not None and src.shape == dst.shape and torch.equal(src.to(dst.device), dst):
+            table.copied.append(_entry(key, src, dst))
+        else:
+            table.redrawn.append(_entry(key, src, dst))
+        return dst
+    if src is not None and src.shape == dst.shape and not face_changed:
+        table.copied.append(_entry(key, src, dst))
+        return src.to(dst.device, dst.dtype)
+    if src is not None and face_changed and src_face[0] == dst_face[0]:
+        n_src, n_dst = src_face[0] * src_face[1] * src_face[2], dst_face[0] * dst_face[1] * dst_face[2]
+        axis = _face_axis(key, src, dst, n_src, n_dst)
+        if axis is not None:
+            table.resampled.append(_entry(key, src, dst))
+            return resample_face(src, axis, src_face, dst_face, key.startswith(READ_SIDE)).to(dst.device)
+        if src.shape == dst.shape:  # not indexed by the face (an output bias): same meaning
+            table.copied.append(_entry(key, src, dst))
+            return src.to(dst.device, dst.dtype)
+    table.fresh.append(_entry(key, src, dst))
+    return dst
+
+
+# --------------------------------------------------------------------------- growing
+
+
+def stage_config(config: Config, epoch: int) -> Config:
+    """The config of the cube trained at 0-based ``epoch`` under ``train.grow_schedule``.
+
+    A stage of side ``s`` sets ``lattice.size = s`` with height and width following it; the
+    depth stays as configured (``lattice.depth = 0`` follows the side too). After the
+    listed stages, ``config`` itself.
+    """
+    end = 0
+    for size, epochs in grow_stages(config.train.grow_schedule):
+        end += epochs
+        if epoch < end:
+            return with_overrides(config, {"lattice.size": size, "lattice.height": 0, "lattice.width": 0})
+    return config
+
+
+def grow(model: LatticeStudent, config: Config, device: torch.device) -> tuple[LatticeStudent, TransferTable]:
+    """A new student for ``config`` (seeded by ``train.seed``), filled from ``model`` by ``transfer_weights``."""
+    target = build_model(config, model.teacher_dim)
+    table = transfer_weights(model, target)
+    table.source = "x".join(map(str, model.dims))
+    return target.to(device), table
+
+
+def log_table(table: TransferTable, level: int = logging.INFO) -> None:
+    """The summary line at ``level``; the per-tensor table at DEBUG."""
+    logger.log(level, "%s", table.summary())
+    for line in table.lines():
+        logger.debug("  %s", line)
+
+
+def initial_student(config: Config, teacher_dim: int, device: torch.device,
+                    resume_from: str | Path | None = None) -> tuple[LatticeStudent, dict[str, Any]]:
+    """The student a training run starts from, and what its checkpoints' meta should add.
+
+    Built at the grow stage of the run's first epoch (on resume: of the last epoch done, whose
+    weights are loaded next) and, for a fresh run with ``train.init_from``, filled from that
+    checkpoint by ``transfer_weights``; the table goes into the meta under ``transfer``.
+    """
+    first, extra = 0, {}
+    if resume_from:
+        _, meta = read_checkpoint_meta(resume_from)
+        first = max(0, int(meta.get("epochs_done", 0)) - 1)
+        extra = {k: meta[k] for k in ("transfer", "grow") if k in meta}
+    model = build_model(stage_config(config, first), teacher_dim)
+    if config.train.init_from and not resume_from:
+        source, source_config, _ = load_student(config.train.init_from)
+        _warn_other_teacher(source_config, config)
+        table = transfer_weights(source, model)
+        table.source = str(config.train.init_from)
+        log_table(table)
+        extra["transfer"] = table.as_dict()
+    return model.to(device), extra
+
+
+def _warn_other_teacher(source: Config, target: Config) -> None:
+    keys = ("model", "pooling", "normalize")
+    differ = [f"teacher.{k}" for k in keys if getattr(source.teacher, k) != getattr(target.teacher, k)]
+    if differ:  # same dimension (checked later), but another embedding space: the maps start off
+        logger.warning("train.init_from was trained with another %s; its face maps start from a different space",
+                       ", ".join(differ))
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, old_model: LatticeStudent,
+                          new: torch.optim.Optimizer, new_model: LatticeStudent) -> int:
+    """Copy AdamW moments of parameters whose name and shape survived a grow step; returns how many."""
+    old_params = dict(old_model.named_parameters())
+    carried = 0
+    for name, p in new_model.named_parameters():
+        q = old_params.get(name)
+        if q is not None and q.shape == p.shape and q in old.state:
+            new.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old.state[q].items()}
+            carried += 1
+    return carried

@@ -1,0 +1,166 @@
+"""Transfer between lattice sizes, growing during training, and the --init-from command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnn3d import build_model, preset, with_overrides
+from cnn3d.config import ConfigError
+from cnn3d.errors import UserError
+from cnn3d.train import prepare_data, train
+from cnn3d.transfer import (
+    TransferError,
+    _interp_matrix,
+    load_student,
+    resample_face,
+    stage_config,
+    transfer_weights,
+)
+
+SMALL = {"lattice.size": 4, "lattice.steps": 4, "lattice.state_size": 8}
+TINY = {**SMALL, "data.max_sentences": 64, "train.main_epochs": 1, "train.batch_size": 16}
+BIN = Path(sys.executable).parent
+
+
+def _student(**overrides):
+    config = with_overrides(preset("test"), {**SMALL, **overrides})
+    return build_model(config, 384).eval(), config
+
+
+def test_cell_weights_copy_exactly_and_face_maps_are_resampled():
+    source, _ = _student(**{"train.seed": 1})
+    target, _ = _student(**{"lattice.size": 6, "lattice.depth": 5})
+    table = transfer_weights(source, target)
+    src, dst = source.state_dict(), target.state_dict()
+    cell = [k for k in dst if k.startswith(("processor.", "face_io.")) and not k.endswith(".links")]
+    assert cell and all(torch.equal(src[k], dst[k]) for k in cell)
+    resampled = {entry.split(" ")[0] for entry in table.resampled}
+    assert {"transform.encode.weight", "transform.decode.weight", "transform.position"} <= resampled
+    assert dst["transform.encode.weight"].shape == (36, 384)
+    assert table.fresh == [] and table.dropped == []
+    assert any(e.startswith("processor.experts.distant.links") for e in table.redrawn)
+    # the distant links are the target's own, drawn by the same rule at its size
+    assert torch.equal(dst["processor.experts.distant.links"], _student(**{"lattice.size": 6, "lattice.depth": 5})[0]
+                       .state_dict()["processor.experts.distant.links"])
+
+
+def test_read_side_resampling_inverts_the_interpolation_when_growing():
+    """decode' . A = decode: a face the lattice merely carries decodes to the same vector after growing."""
+    weights = torch.randn(7, 2 * 4 * 4)  # [T, F*H*W], reads a 2x4x4 face
+    face = torch.randn(3, 2 * 4 * 4)
+    grown_face = resample_face(face, 1, (2, 4, 4), (2, 6, 5), read_side=False)  # [3, 60]
+    grown_weights = resample_face(weights, 1, (2, 4, 4), (2, 6, 5), read_side=True)  # [7, 60]
+    torch.testing.assert_close(grown_face @ grown_weights.T, face @ weights.T, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(_interp_matrix(4, 8).sum(1), torch.ones(8))  # rows are convex weights
+
+
+def test_same_size_transfer_gives_identical_outputs():
+    source, _ = _student(**{"train.seed": 3})
+    target, _ = _student()
+    table = transfer_weights(source, target)
+    assert table.resampled == [] and table.fresh == []
+    x = torch.randn(5, 384)
+    torch.testing.assert_close(target(x).embedding, source(x).embedding, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"lattice.state_size": 12}, "lattice.state_size"),
+    ({"moe.experts": "local,distant"}, "moe.experts"),
+    ({"moe.functional_radius": 1}, "moe.functional_radius"),
+])
+def test_what_cannot_transfer_is_named(change, key):
+    source, _ = _student()
+    target, _ = _student(**{**change, "lattice.size": 6})
+    with pytest.raises(TransferError, match=key):
+        transfer_weights(source, target)
+
+
+def test_other_teacher_dimension_is_named():
+    source, _ = _student()
+    target = build_model(with_overrides(preset("test"), SMALL), 768)
+    with pytest.raises(TransferError, match="teacher dimension 384 != 768"):
+        transfer_weights(source, target)
+
+
+def test_grow_schedule_parses_and_stages_follow_it():
+    config = with_overrides(preset("wide"), {"train.main_epochs": 5, "train.grow_schedule": "8x2+12x1"})
+    dims = [stage_config(config, e).lattice.dims for e in range(5)]
+    assert dims == [(8, 8, 8), (8, 8, 8), (8, 12, 12), (8, 16, 16), (8, 16, 16)]
+    for bad in ("8:2", "8x0", "8x5", "1x1"):
+        with pytest.raises(ConfigError, match="train.grow_schedule"):
+            with_overrides(config, {"train.grow_schedule": bad})
+
+
+@pytest.fixture(scope="module")
+def tiny(warm_cache):
+    config = with_overrides(preset("test"), {**TINY, "data.cache_dir": str(warm_cache)})
+    return config, prepare_data(config, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tiny, tmp_path_factory):
+    config, data = tiny
+    folder = tmp_path_factory.mktemp("transfer") / "small"
+    train(config, data=data, out_dir=folder, progress=False)
+    return folder
+
+
+@pytest.mark.slow
+def test_transferred_student_round_trips_through_its_checkpoint(tiny, small_checkpoint, tmp_path):
+    config, data = tiny
+    big = with_overrides(config, {"lattice.size": 6, "lattice.depth": 4, "train.init_from": str(small_checkpoint)})
+    result = train(big, data=data, out_dir=tmp_path / "big", progress=False)
+    loaded, _, meta = load_student(tmp_path / "big")
+    x = data.val[:8]
+    result.model.eval()
+    torch.testing.assert_close(loaded(x).embedding, result.model(x).embedding, rtol=0, atol=0)
+    table = meta["transfer"]
+    assert table["source_dims"] == [4, 4, 4] and table["target_dims"] == [4, 6, 6]
+    assert any(e.startswith("transform.encode.weight") for e in table["resampled"])
+
+
+@pytest.mark.slow
+def test_grow_schedule_trains_small_then_target_and_checkpoints_match_their_cube(tiny, tmp_path):
+    config, data = tiny
+    grown = with_overrides(config, {"lattice.size": 6, "train.main_epochs": 2, "train.grow_schedule": "4x1"})
+    seen = []
+
+    def after_epoch(report):
+        model, saved, _ = load_student(tmp_path / "run")  # each checkpoint loads at its own size
+        seen.append((model.dims, report.metrics["face_numbers"]))
+
+    result = train(grown, data=data, out_dir=tmp_path / "run", progress=False, callbacks=[after_epoch])
+    assert seen == [((4, 4, 4), 16.0), ((6, 6, 6), 36.0)]  # baselines follow the cube of each epoch
+    assert result.model.dims == (6, 6, 6)
+    _, _, meta = load_student(tmp_path / "run")
+    assert meta["grow"][0]["epoch"] == 2 and meta["grow"][0]["source_dims"] == [4, 4, 4]
+
+
+def _cli(*args, cwd):
+    return subprocess.run([str(BIN / "cnn3d-train"), *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"})
+
+
+def test_init_from_bad_input_is_one_line_and_overwrites_nothing(tiny, small_checkpoint, tmp_path):
+    config, _ = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    sets = [f"--set=data.cache_dir={config.data.cache_dir}", "--set=data.max_sentences=60"]
+    for source, words in ((not_a_checkpoint, "is not a cnn3d checkpoint"),
+                          (small_checkpoint, "lattice.state_size 8 != 16")):
+        run = _cli("--init-from", str(source), "--out", str(out), *sets, cwd=tmp_path)
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], run.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_load_student_rejects_a_folder_without_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not a cnn3d checkpoint"):
+        load_student(tmp_path)
