@@ -71,7 +71,8 @@ from .train import (
     prepare_data,
 )
 
-__all__ = ["EWC", "Domain", "run_continual", "ReplayBatches", "ReplayBuffer", "continual_summary", "prepare_domains", "train_continual"]
+__all__ = ["EWC", "Domain", "ReplayBatches", "ReplayBuffer", "continual_summary", "freeze_groups", "prepare_domains",
+           "run_continual", "train_continual"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,7 @@
 """Continual learning over data.domains: built-in domains, remedies, the forgetting matrix, bad input."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import pytest
 import torch
@@ -31,7 +28,6 @@ from cnn3d.train import _Loop, _train_epoch, build_optimizer, is_reported_metric
 # science and dialogue open with built-in sentences, so 40 of each come from the warmed cache
 TINY = {"lattice.size": 4, "lattice.steps": 2, "lattice.state_size": 4, "data.max_sentences": 40,
         "train.main_epochs": 1, "train.batch_size": 16, "data.domains": "builtin:science,builtin:dialogue"}
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +184,14 @@ def test_sequence_reports_the_matrix_beside_ceilings_and_remedies_change_it(tiny
 # --------------------------------------------------------------------------- the CLI
 
 
-def _cli(*args):
-    return subprocess.run([str(BIN / "cnn3d-train"), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
 def test_then_corpus_cli_writes_the_matrix_to_the_metrics_json(tmp_path, warm_cache):
     sets = [f"--set={k}={v}" for k, v in {**TINY, "data.cache_dir": str(warm_cache)}.items() if k != "data.domains"]
-    proc = _cli("--corpus", "builtin:science", "--then-corpus", "builtin:dialogue", *sets, "--no-progress",
-                "--log-level", "warning", "--metrics-json", str(tmp_path / "m.json"))
-    assert proc.returncode == 0, proc.stderr
-    assert "continual: avg_final_cosine" in proc.stdout and "dialogue" in proc.stdout
+    result = CliRunner().invoke(train_cli, ["--corpus", "builtin:science", "--then-corpus", "builtin:dialogue", *sets,
+                                            "--no-progress", "--log-level", "warning",
+                                            "--metrics-json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.stderr
+    assert "continual: avg_final_cosine" in result.stdout
+    assert re.search(r"final: science -?\d\.\d{4} \(pca 0\.\d{4}\), dialogue -?\d\.\d{4} \(pca", result.stdout)
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["config"]["data.domains"] == ["builtin:science", "builtin:dialogue"]
     assert "cl_matrix/2/science" in metrics and "forgetting" in metrics
@@ -214,7 +207,7 @@ def test_then_corpus_cli_writes_the_matrix_to_the_metrics_json(tmp_path, warm_ca
     (["--corpus", "builtin:science", "--then-corpus", "builtin:science"], "twice"),
 ])
 def test_bad_domain_input_is_one_line_exit_2(tmp_path, args, message):
-    """In process (each fails before any teacher pass); the subprocess path is covered above."""
+    """In process: each fails before any teacher pass."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     args = [str(empty) if a == "EMPTY" else a for a in args]
