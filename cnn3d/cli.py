@@ -262,12 +262,14 @@ def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, exam
 @click.option("--metrics-json", default=None, type=click.Path(dir_okay=False),
               help="Write the final epoch's metrics and the flattened config to this JSON file.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="Track this run: an MLflow URI (sqlite:///PATH, postgresql://..., http://HOST:PORT; needs the "
+                   "tuner package) or json:PATH (default $MLFLOW_TRACKING_URI, else off).")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and range, then exit.")
 @config_options
 @run_cli
-def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from, metrics_json, progress, list_keys,
-              config_path,
-              assignments, log_level) -> None:
+def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from, metrics_json, progress,
+              tracking_uri, list_keys, config_path, assignments, log_level) -> None:
     """Train the lattice student against the teacher and report quality beside in-run baselines."""
     if list_keys:
         _print_keys()
@@ -285,10 +287,20 @@ def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from,
         from .checkpoint import check_output_file
 
         check_output_file(metrics_json, "--metrics-json")
+    tracker = _open_tracking(tracking_uri, config, preset_name)
     try:
-        result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress)
+        result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress,
+                       callbacks=[lambda report: tracker.log_metrics(report.metrics, report.epoch)])
     except NonFiniteLoss as exc:
+        tracker.finish("FAILED")
         fail(str(exc), 1)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    _finish_tracking(tracker, result)
     m = result.metrics
     if "avg_final_cosine" in m:
         click.echo(_continual_line(m))
@@ -322,6 +334,28 @@ def _continual_line(m: dict[str, Any]) -> str:
              for k in final if k.split("/")[1] == last_stage]
     return (f"continual: avg_final_cosine {m['avg_final_cosine']:.4f}, forgetting {m['forgetting']:.4f}, "
             f"new_domain_cosine {m['new_domain_cosine']:.4f} | final: {', '.join(cells)}")
+
+
+def _open_tracking(uri: str | None, config: Config, preset_name: str):
+    """The run's metric logger (``cnn3d.tracking``), its params logged; a no-op one when ``uri`` is empty."""
+    from .config import flatten
+    from .tracking import open_logger
+
+    tracker = open_logger(uri, run_name=f"train-{preset_name}", tags={"cnn3d.role": "train"})
+    tracker.log_params(flatten(config))
+    return tracker
+
+
+def _finish_tracking(tracker, result) -> None:
+    import json
+
+    from .config import flatten
+
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(result.config).items()}
+    tracker.log_text(json.dumps(config, indent=2), "config.json")
+    if result.examples:
+        tracker.log_text(json.dumps(result.examples, indent=2, default=str), "decoded_examples.json")
+    tracker.finish("FINISHED")
 
 
 def _print_keys() -> None:

@@ -63,6 +63,7 @@ def tune_cli(spec_path, params, assignments, objectives, trials, timeout, worker
     from .run import ConfigurationTuner  # import first: mlflow sets up its own logger on import
 
     setup_logging(log_level)
+    logging.captureWarnings(True)  # Python warnings as timestamped log lines (workers do the same)
 
     spec = _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sampler, pruner, trials, timeout,
                           workers, seeds, storage, tracking_uri, report)

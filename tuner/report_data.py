@@ -11,6 +11,7 @@ render step (``tuner.report``) never has to guess and odd studies never crash it
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -285,10 +286,12 @@ class ReportData:
 def build_report_data(study: optuna.Study, mlflow_client: Any = None,
                       mlflow_ui_base: str = "http://127.0.0.1:5000", evaluators: tuple[str, ...] = EVALUATORS,
                       experiment_id: str | None = None) -> ReportData:
-    """Read ``study`` (and, for trials whose history never reached Optuna, their MLflow runs) into ``ReportData``.
+    """Read ``study`` and its trials' MLflow runs into ``ReportData``.
 
-    ``mlflow_client`` is optional: with it, trials without a ``history`` user attr (a worker died mid-trial)
-    get their per-epoch metrics from MLflow. ``evaluators`` names the importance evaluators to run.
+    MLflow is the one store of per-epoch metrics, decoded examples and the lattice snapshot: with
+    ``mlflow_client`` the report reads them from each trial's run (``mlflow_run_id``). Without it (or for
+    studies written before, which kept copies in user attrs) it falls back to what Optuna holds: user
+    attrs, else the intermediate values. ``evaluators`` names the importance evaluators to run.
     """
     attrs = study.user_attrs
     objectives = _objectives(study)
@@ -315,7 +318,7 @@ def build_report_data(study: optuna.Study, mlflow_client: Any = None,
     _study_notices(data)
     data.pareto, best_frozen = _best(study, frozen)
     if best_frozen is not None:
-        data.best = _best_trial(best_frozen, data, ui)
+        data.best = _best_trial(best_frozen, data, ui, mlflow_history)
     if len(params) > 1 and data.complete:
         data.importances = _importances(data, evaluators)
     data.effects = _effects(data)
@@ -411,6 +414,26 @@ class _MlflowHistory:
         return [per_epoch[e] for e in sorted(per_epoch)]
 
 
+    def artifact_json(self, run_id: str | None, name: str) -> Any:
+        """A JSON artifact of a run, or None (no client, no run, no such artifact)."""
+        if self.client is None or not run_id:
+            return None
+        import tempfile
+        from pathlib import Path
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return json.loads(Path(self.client.download_artifacts(run_id, name, tmp)).read_text())
+        except Exception as exc:  # noqa: BLE001 - a missing artifact is a note in the report, not a failure
+            logger.warning("could not read %s of MLflow run %s (%s)", name, run_id, _short(exc))
+            return None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -475,12 +498,15 @@ def _best(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[list[int], Fr
 # --------------------------------------------------------------------------- best trial
 
 
-def _best_trial(trial: FrozenTrial, data: ReportData, ui: _UiLinks) -> BestTrial:
+def _best_trial(trial: FrozenTrial, data: ReportData, ui: _UiLinks, mlflow: _MlflowHistory) -> BestTrial:
     attrs = trial.user_attrs
+    run_id = attrs.get("mlflow_run_id")
     diff, note = config_diff(attrs.get("config"), data.preset, [p.key for p in data.params], data.fixed)
-    lattice, lattice_note = _lattice(attrs.get("lattice_snapshot"))
+    # MLflow holds them (studies written before it did kept copies in user attrs)
+    lattice, lattice_note = _lattice(attrs.get("lattice_snapshot") or mlflow.artifact_json(run_id, "lattice_snapshot.json"))
     notes = [n for n in (note, lattice_note) if n]
-    examples = [e for e in attrs.get("examples") or [] if isinstance(e, dict)]
+    stored = attrs.get("examples") or mlflow.artifact_json(run_id, "decoded_examples.json") or []
+    examples = [e for e in stored if isinstance(e, dict)]
     if not examples:
         notes.append("The best trial stored no decoded examples.")
     return BestTrial(

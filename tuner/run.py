@@ -13,6 +13,7 @@ grid points an interrupted run left queued.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -161,7 +162,27 @@ class StaleTrialRetry:
             except Exception as exc:  # noqa: BLE001
                 logger.warning("could not mark MLflow run %s of dead trial %d: %s", run_id, trial.number, exc)
         logger.warning("trial %d lost its worker; queued a retry", trial.number)
-        self.retry(study, trial)
+        # the retry is a new run: it must not carry the dead trial's MLflow run, reason or results
+        clean = copy.deepcopy(trial)
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in DEAD_TRIAL_ATTRS}
+        self.retry(study, clean)
+
+
+DEAD_TRIAL_ATTRS = ("mlflow_run_id", "fail_reason", "metrics", "train_seconds", "pruned_at_epoch")
+DEAD_WORKER_REASON = "worker died (no heartbeat for {} s)"
+
+
+def fail_dead_workers_trials(study: optuna.Study, storage: RDBStorage) -> None:
+    """Fail trials whose worker died, each with a ``fail_reason`` user attr, then queue their retries.
+
+    Optuna's ``fail_stale_trials`` marks them FAIL without a reason, and a FAIL trial's attrs can no
+    longer be set: the reason is written first, while the trial is still RUNNING. Finding stale trials
+    needs the storage's ``_get_stale_trial_ids`` (the same query ``fail_stale_trials`` runs).
+    """
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        with contextlib.suppress(Exception):  # another worker may fail it first
+            storage.set_trial_user_attr(trial_id, "fail_reason", DEAD_WORKER_REASON.format(GRACE_PERIOD))
+    _quiet_experimental(fail_stale_trials)(study)
 
 
 # --------------------------------------------------------------------------- samplers, pruners
@@ -410,7 +431,9 @@ def write_study_report(study, tracker, parent_id) -> str | None:
 
 def _run_workers(args: tuple, workers: int) -> None:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_process, args=(*args, i), name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # the command's --log-level
+    procs = [ctx.Process(target=_worker_process, args=(*args, i), kwargs={"log_level": level},
+                         name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
     try:
@@ -425,8 +448,13 @@ def _run_workers(args: tuple, workers: int) -> None:
         logger.warning("%d worker(s) exited abnormally: %s", len(bad), ", ".join(f"{p.name}={p.exitcode}" for p in bad))
 
 
-def _worker_process(*args: Any) -> None:
-    """Entry point of a spawned worker: Ctrl-C ends it quietly (the trial is already marked)."""
+def _worker_process(*args: Any, log_level: str = "info") -> None:
+    """Entry point of a spawned worker: logs like the command (epoch lines, timestamped warnings on
+    stderr); Ctrl-C ends it quietly (the trial is already marked)."""
+    from cnn3d.cli import setup_logging
+
+    setup_logging(log_level if log_level in ("debug", "info", "warning", "error") else "info")
+    logging.captureWarnings(True)  # Python warnings as log lines, with a time, like everything else
     try:
         _worker(*args)
     except KeyboardInterrupt:
@@ -454,12 +482,14 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
     max_failures = max(5, spec.trials)
     failures_before = _count(study, (TrialState.FAIL,))
     while True:
-        _quiet_experimental(fail_stale_trials)(study)
+        fail_dead_workers_trials(study, storage)
         finished = _count(study, FINISHED)
         running = _count(study, (TrialState.RUNNING,))
-        waiting = _count(study, (TrialState.WAITING,))
+        waiting_trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        waiting = len(waiting_trials)
+        retries = sum("failed_trial" in t.system_attrs for t in waiting_trials)  # dead workers' trials
         failures = _count(study, (TrialState.FAIL,)) - failures_before
-        if finished >= target or failures >= max_failures or (deadline and time.time() > deadline):
+        if (finished >= target and not retries) or failures >= max_failures or (deadline and time.time() > deadline):
             break
         if waiting or finished + running < target:
             study.optimize(runner, n_trials=1, catch=(Exception,))
@@ -467,3 +497,6 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
             time.sleep(1.0)
     if failures >= max_failures:
         logger.error("stopping: %d trials failed in this run (see their fail_reason)", failures)
+    if retries:
+        logger.warning("%d retried trial(s) of dead workers are still queued; run the same command to run them",
+                       retries)

@@ -414,10 +414,14 @@ def test_tuner_writes_and_attaches_the_report(real_study):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db")
     assert "test-transform.dropout.html" in [a.path for a in client.list_artifacts(summary.parent_run_id)]
-    data = build_report_data(optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp}/s.db"))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp}/s.db")
+    data = build_report_data(study, mlflow_client=client)
     groups = data.effects[0].panels[0].groups
     assert [g.n for g in groups] == [2, 2]  # two values, two seeds each
+    # MLflow is the one store of histories, examples and the lattice snapshot; Optuna keeps no copies
     assert data.best.lattice is not None and data.best.examples
+    assert all(len(t.history) == 1 for t in data.trials)
+    assert not any({"history", "examples", "lattice_snapshot"} & set(t.user_attrs) for t in study.trials)
 
 
 @pytest.mark.slow
