@@ -348,7 +348,7 @@ class _Loop:
 
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
     started = time.perf_counter()
-    if not resume_from:  # a bad train.init_from fails before the teacher runs (a resume ignores it)
+    if resume is None:  # a bad train.init_from fails before the teacher runs (a resume ignores it)
         precheck(config)
     data = data or prepare_data(config, device, progress=show)
     # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
