@@ -7,20 +7,26 @@ For each size: samples/s and cell-steps/s of one training step (forward, backwar
 AdamW update) with the default MoE, the FLOPs torch's FlopCounterMode counts for it
 (convolutions and matmuls only; elementwise work is not counted, so the GFLOP/s
 figure is a lower bound on work done), the achieved GFLOP/s, and its ratio to a
-dense square matmul timed in the same run. Machines are shared and noisy: every
-figure is the best of several repeats, and ratios are what to compare.
+dense square matmul timed in the same run. Step formulations (``reference`` = the
+straightforward step, ``fused`` = ``cnn3d.fused``, ``compiled`` = the fused step through
+``torch.compile``/CUDA graphs) run on the same model, alternately with the matmul in each
+round: machines are shared and noisy, every figure is the best of several rounds, and
+ratios are what to compare.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnn3d import build_model, preset, with_overrides
+from cnn3d.device import resolve_device
+from cnn3d.errors import UserError
+from cnn3d.fused import compile_step
 
 TEACHER_DIM = 384
 
@@ -30,28 +36,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def best_seconds(fn, device, repeats: int) -> float:
-    fn()  # warm-up
+CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (robust on a shared machine, 1 thread)
+
+
+def timed(fn, device) -> float:
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    start = CLOCK()
+    fn()
+    sync(device)
+    return CLOCK() - start
 
 
-def matmul_gflops(device: torch.device, n: int, repeats: int) -> float:
+def matmul_step(device: torch.device, n: int):
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / best_seconds(lambda: a @ b, device, repeats) / 1e9
+    return lambda: a @ b
 
 
-def lattice_case(size: int, batch: int, steps: int, device: torch.device, repeats: int, overrides: dict) -> dict:
+def lattice_steps(size: int, batch: int, steps: int, device: torch.device, overrides: dict, variants: list[str]):
+    """One training-step closure per variant, all on the same model, and the FLOPs of one step."""
     cfg = with_overrides(preset("test"), {"lattice.size": size, "lattice.steps": steps, **overrides})
     model = build_model(cfg, TEACHER_DIM).to(device)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.randn(batch, TEACHER_DIM, device=device)
+    eager_step = model.processor.step_rows
 
     def train_step():
         out = model(x)
@@ -60,23 +67,59 @@ def lattice_case(size: int, batch: int, steps: int, device: torch.device, repeat
         loss.backward()
         opt.step()
 
+    compiled = {}
+
+    def variant(name):
+        def run():
+            model.fused = name != "reference"
+            if name == "compiled":
+                if "step" not in compiled:
+                    compile_step(model, mode="reduce-overhead" if device.type == "cuda" else None)
+                    compiled["step"] = model.processor.step_rows
+                model.processor.step_rows = compiled["step"]
+            else:
+                model.processor.step_rows = eager_step
+            train_step()
+        return run
+
+    model.fused = True
     with FlopCounterMode(display=False) as counter:
         train_step()
-    flops = counter.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = best_seconds(train_step, device, repeats)
-    cells = size**3
-    return {
-        "size": size,
-        "batch": batch,
-        "steps": steps,
-        "ms_per_step": seconds * 1e3,
-        "samples_per_s": batch / seconds,
-        "cell_steps_per_s": batch * cells * steps / seconds,
-        "gflops": flops / seconds / 1e9,
-        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan"),
-    }
+    return {name: variant(name) for name in variants}, counter.get_total_flops()
+
+
+def measure(size, batch, steps, device, repeats, overrides, variants, matmul_n) -> list[dict]:
+    """Interleaved rounds: matmul, then each variant once; best of ``repeats`` rounds for each."""
+    runs, flops = lattice_steps(size, batch, steps, device, overrides, variants)
+    matmul = matmul_step(device, matmul_n)
+    timed(matmul, device)
+    for name, fn in list(runs.items()):  # warm-up twice (compiles, records graphs, allocator)
+        try:
+            timed(fn, device)
+            timed(fn, device)
+        except Exception as exc:  # noqa: BLE001 - a failed compile must not hide the other rows
+            print(f"{size:>6}^3 {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            del runs[name]
+    best = {name: float("inf") for name in ["matmul", *runs]}
+    peaks = {}
+    for _ in range(repeats):
+        best["matmul"] = min(best["matmul"], timed(matmul, device))
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            best[name] = min(best[name], timed(fn, device))
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    reference = 2 * matmul_n**3 / best["matmul"] / 1e9
+    rows = []
+    for name in runs:
+        seconds = best[name]
+        rows.append({
+            "size": size, "batch": batch, "steps": steps, "variant": name, "ms_per_step": seconds * 1e3,
+            "samples_per_s": batch / seconds, "cell_steps_per_s": batch * size**3 * steps / seconds,
+            "gflops": flops / seconds / 1e9, "matmul_gflops": reference, "vs_matmul": flops / seconds / 1e9 / reference,
+            "speedup": best[next(iter(runs))] / seconds, "peak_mb": peaks[name],
+        })
+    return rows
 
 
 def main() -> None:
@@ -88,31 +131,48 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=2048)
+    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused", "compiled"],
+                        help="step formulations, timed alternately (default: reference fused, + compiled on CUDA)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process = CPU time of this process: on a loaded machine use it with --threads 1")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
 
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)  # as the trainer does: denormals slow CPU kernels many-fold
+    variants = args.variants or (["reference", "fused"] + (["compiled"] if device.type == "cuda" else []))
     overrides = dict(item.split("=", 1) for item in args.set)
-    reference = matmul_gflops(device, args.matmul_n, args.repeats)
-    print(f"device={device} threads={torch.get_num_threads()} dense {args.matmul_n}^2 matmul: {reference:.1f} GFLOP/s")
-    header = f"{'lattice':>8} {'batch':>5} {'steps':>5} {'ms/step':>9} {'samples/s':>10} {'cell-steps/s':>13}"
-    print(header + f" {'GFLOP/s':>8} {'vs matmul':>9} {'peak MB':>8}")
-    rows = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(f"device={device} ({name}) threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__}")
+    header = f"{'lattice':>8} {'batch':>5} {'steps':>5} {'variant':>9} {'ms/step':>9} {'samples/s':>10}"
+    print(header + f" {'cell-steps/s':>13} {'GFLOP/s':>8} {'matmul':>8} {'vs matmul':>9} {'speedup':>7} {'peak MB':>8}")
     for size in args.sizes:
         batch = args.batch or (32 if size <= 8 else 8 if size <= 16 else 2)
-        row = lattice_case(size, batch, args.steps or size, device, args.repeats, overrides)
-        rows.append(row)
-        print(
-            f"{size:>6}^3 {batch:>5} {row['steps']:>5} {row['ms_per_step']:>9.1f} {row['samples_per_s']:>10.1f} "
-            f"{row['cell_steps_per_s']:>13.3g} {row['gflops']:>8.1f} {row['gflops'] / reference:>9.2f} "
-            f"{row['peak_mb']:>8.0f}"
-        )
-    reference_after = matmul_gflops(device, args.matmul_n, args.repeats)
-    drift = abs(reference_after - reference) / statistics.mean([reference, reference_after])
-    print(f"dense matmul again: {reference_after:.1f} GFLOP/s (drift {drift:.0%}; large drift = noisy machine)")
+        for row in measure(size, batch, args.steps or size, device, args.repeats, overrides, variants, args.matmul_n):
+            print(
+                f"{size:>6}^3 {batch:>5} {row['steps']:>5} {row['variant']:>9} {row['ms_per_step']:>9.1f} "
+                f"{row['samples_per_s']:>10.1f} {row['cell_steps_per_s']:>13.3g} {row['gflops']:>8.1f} "
+                f"{row['matmul_gflops']:>8.1f} {row['vs_matmul']:>9.3f} {row['speedup']:>7.2f} {row['peak_mb']:>8.0f}",
+                flush=True,
+            )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
 
 
 if __name__ == "__main__":

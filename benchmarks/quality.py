@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from cnn3d import metrics as M
 from cnn3d import preset, with_overrides
 from cnn3d.cache import EmbeddingCache, embed_with_cache
-from cnn3d.data import builtin_sentences, heldout_sentences
-from cnn3d.decode import build_bank
+from cnn3d.data import Corpus, heldout_sentences
+from cnn3d.decode import bank_texts, build_bank
 from cnn3d.teacher import load_teacher
 from cnn3d.train import train
 
@@ -62,8 +62,9 @@ def main() -> None:
     heldout = heldout_sentences()
     held = embed_with_cache(teacher, heldout, cache)
     out = student_outputs(result.model, held)
-    bank_texts = list(dict.fromkeys(heldout + builtin_sentences()))
-    bank = build_bank(bank_texts, embed_with_cache(teacher, bank_texts, cache))
+    # the trainer's bank rule with the held-out sentences as the validation split
+    bank_phrases = bank_texts(Corpus(train=[], validation=heldout, source="held-out"), config.data)
+    bank = build_bank(bank_phrases, embed_with_cache(teacher, bank_phrases, cache))
     top1, top5 = bank.accuracy(out, heldout, k=5)
     cosine = F.cosine_similarity(out, held, dim=-1).mean().item()
     pca = M.baseline_pca_cosine(train_vectors, held, config.lattice.face_numbers)

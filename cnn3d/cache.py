@@ -451,6 +451,8 @@ class EmbeddingCache:
             missing = ns.fill(keys, out, range(len(texts)))
             if missing:
                 missing = self._fill_locked(ns, texts, keys, out, missing, compute)
+            else:  # nothing written, so eviction did not measure the folder: measure it here
+                self.disk_usage()
             self.stats.misses += len(missing)
             self.stats.hits += len(texts) - len(missing)
         return out

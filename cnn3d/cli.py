@@ -76,6 +76,28 @@ def run_cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+ABORT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, the shell's code for an interrupted command
+
+
+def _main_one_line(call: Callable[[], Any]) -> Any:
+    """Run a click ``main(standalone_mode=False)`` call; every error a user can cause ends as one line.
+
+    Usage errors and ``UserError`` exit 2 (or the error's own code), Ctrl-C (click's ``Abort``) exits 130,
+    the shell's code for an interrupted command. ``CliGroup`` and ``standalone`` (every cnn3d and tuner
+    command) share this, so the same fault gives the same exit code everywhere.
+    """
+    try:
+        return call()
+    except click.UsageError as exc:
+        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("interrupted", ABORT_EXIT_CODE)
+    except UserError as exc:
+        fail(str(exc), exc.exit_code)
+
+
 class CliGroup(click.Group):
     """A click group whose usage errors, like ``UserError``, print one ``error: ...`` line and exit 2."""
 
@@ -83,16 +105,8 @@ class CliGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            fail(f"{exc.format_message()} (see --help)", exc.exit_code)
-        except click.ClickException as exc:
-            fail(exc.format_message(), exc.exit_code)
-        except click.Abort:
-            fail("aborted", 1)
-        except UserError as exc:
-            fail(str(exc), exc.exit_code)
+        rv = _main_one_line(lambda: super(CliGroup, self).main(args, prog_name, complete_var, standalone_mode=False,
+                                                              **extra))
         # Without standalone mode click returns the exit code of ctx.exit()/--help; commands return None.
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -225,22 +239,20 @@ def cache_clear(config_path: str | None, assignments: tuple[str, ...], cache_dir
 
 
 def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, examples: list[dict]) -> None:
-    import json
-    from pathlib import Path
-
+    from .checkpoint import write_json_file
     from .config import flatten
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**metrics, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()},
                "examples": examples}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json_file(path, payload)  # strict JSON (non-finite metrics become null), written through a rename
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="test", show_default=True,
               help="Starting configuration: test (8^3), wide (16x16 face) or full (37^3).")
 @click.option("--corpus", default=None, help="Shorthand for --set data.corpus=... ('builtin', a file, a folder).")
+@click.option("--then-corpus", "then_corpus", multiple=True, metavar="CORPUS",
+              help="Train on this corpus after --corpus (repeatable): sets data.domains for continual learning.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Checkpoint folder (weights, config.json, meta.json), written after every epoch.")
 @click.option("--resume", "resume_from", default=None, type=click.Path(file_okay=False),
@@ -250,11 +262,14 @@ def _write_metrics_json(path: str, metrics: dict[str, Any], config: Config, exam
 @click.option("--metrics-json", default=None, type=click.Path(dir_okay=False),
               help="Write the final epoch's metrics and the flattened config to this JSON file.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="Track this run: an MLflow URI (sqlite:///PATH, postgresql://..., http://HOST:PORT; needs the "
+                   "tuner package) or json:PATH (default $MLFLOW_TRACKING_URI, else off).")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and range, then exit.")
 @config_options
 @run_cli
-def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json, progress, list_keys, config_path,
-              assignments, log_level) -> None:
+def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from, metrics_json, progress,
+              tracking_uri, list_keys, config_path, assignments, log_level) -> None:
     """Train the lattice student against the teacher and report quality beside in-run baselines."""
     if list_keys:
         _print_keys()
@@ -266,11 +281,29 @@ def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json
     if init_from:
         extra["train.init_from"] = init_from
     config = build_config(config_path, assignments, extra, preset_name)
+    if then_corpus:
+        config = _with_then_corpus(config, then_corpus)
+    if metrics_json:  # fail now, not after the training time is spent (train() checks --out and --resume)
+        from .checkpoint import check_output_file
+
+        check_output_file(metrics_json, "--metrics-json")
+    tracker = _open_tracking(tracking_uri, config, preset_name)
     try:
-        result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress)
+        result = train(config, out_dir=out_dir, resume_from=resume_from, progress=progress,
+                       callbacks=[lambda report: tracker.log_metrics(report.metrics, report.epoch)])
     except NonFiniteLoss as exc:
+        tracker.finish("FAILED")
         fail(str(exc), 1)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    _finish_tracking(tracker, result)
     m = result.metrics
+    if "avg_final_cosine" in m:
+        click.echo(_continual_line(m))
     click.echo(
         f"val_cosine {m['val_cosine']:.4f} (baselines: pca {m['baseline_pca_cosine']:.4f}, mean "
         f"{m['baseline_mean_cosine']:.4f}; {m['val_cosine'] / m['baseline_pca_cosine']:.1%} of pca) | "
@@ -281,6 +314,48 @@ def train_cli(preset_name, corpus, out_dir, resume_from, init_from, metrics_json
         _write_metrics_json(metrics_json, m, config, result.examples)
     if out_dir:
         click.echo(f"checkpoint: {out_dir}")
+
+
+def _with_then_corpus(config: Config, then_corpus: Sequence[str]) -> Config:
+    """``data.domains`` = (``data.corpus``, *``--then-corpus``); an empty entry is a user error."""
+    if any(not c.strip() or "," in c for c in then_corpus):
+        bad = next(c for c in then_corpus if not c.strip() or "," in c)
+        raise UserError(f"--then-corpus {bad!r} is not a corpus; give a file, folder, builtin:NAME or hf:NAME "
+                        "(one per --then-corpus, no commas)")
+    return with_overrides(config, {"data.domains": (config.data.corpus, *then_corpus)})
+
+
+def _continual_line(m: dict[str, Any]) -> str:
+    """One line of the continual figures: the final row of the matrix beside each domain's PCA ceiling."""
+    final = [k for k in m if k.startswith("cl_matrix/")]
+    stages = {k.split("/")[1] for k in final}
+    last_stage = "joint" if "joint" in stages else str(max(int(s) for s in stages))
+    cells = [f"{k.split('/')[2]} {m[k]:.4f} (pca {m.get('cl_pca/' + k.split('/')[2], float('nan')):.4f})"
+             for k in final if k.split("/")[1] == last_stage]
+    return (f"continual: avg_final_cosine {m['avg_final_cosine']:.4f}, forgetting {m['forgetting']:.4f}, "
+            f"new_domain_cosine {m['new_domain_cosine']:.4f} | final: {', '.join(cells)}")
+
+
+def _open_tracking(uri: str | None, config: Config, preset_name: str):
+    """The run's metric logger (``cnn3d.tracking``), its params logged; a no-op one when ``uri`` is empty."""
+    from .config import flatten
+    from .tracking import open_logger
+
+    tracker = open_logger(uri, run_name=f"train-{preset_name}", tags={"cnn3d.role": "train"})
+    tracker.log_params(flatten(config))
+    return tracker
+
+
+def _finish_tracking(tracker, result) -> None:
+    import json
+
+    from .config import flatten
+
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(result.config).items()}
+    tracker.log_text(json.dumps(config, indent=2), "config.json")
+    if result.examples:
+        tracker.log_text(json.dumps(result.examples, indent=2, default=str), "decoded_examples.json")
+    tracker.finish("FINISHED")
 
 
 def _print_keys() -> None:
@@ -328,14 +403,5 @@ def decode_main() -> None:
 
 
 def standalone(command: click.Command) -> None:
-    """Run a click command with usage errors reported as one line and exit code 2."""
-    try:
-        command.main(standalone_mode=False)
-    except click.UsageError as exc:
-        fail(f"{exc.format_message()} (see --help)", exc.exit_code)
-    except click.ClickException as exc:
-        fail(exc.format_message(), exc.exit_code)
-    except click.Abort:
-        fail("aborted", 130)
-    except UserError as exc:
-        fail(str(exc), exc.exit_code)
+    """Run a click command with usage errors reported as one line and exit code 2 (Ctrl-C: 130)."""
+    _main_one_line(lambda: command.main(standalone_mode=False))

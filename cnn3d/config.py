@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -27,6 +29,7 @@ from .errors import UserError
 __all__ = [
     "Config",
     "ConfigError",
+    "ContinualConfig",
     "DataConfig",
     "FieldSpec",
     "LatticeConfig",
@@ -162,7 +165,8 @@ class LossConfig:
     reconstruction: float = param(1.0, "MSE to the teacher embedding.", low=0.0, high=10.0)
     cosine: float = param(1.0, "1 - cosine similarity to the teacher embedding.", low=0.0, high=10.0)
     diversity: float = param(0.1, "Penalty on a batch of outputs collapsing onto one vector.", low=0.0, high=5.0)
-    emergence: float = param(0.01, "Sparse activity plus expert load balance (never rewards worse reconstruction).", low=0.0, high=1.0)
+    sparsity: float = param(0.01, "L1 on cell activity (mean |state|): pushes towards sparse activations.", low=0.0, high=1.0)
+    load_balance: float = param(0.01, "Expert load balance (E * sum usage^2 - 1); 0 lets the gate favour experts freely.", low=0.0, high=1.0)
     triplet: float = param(0.0, "Triplet loss over teacher-space neighbours.", low=0.0, high=5.0)
     triplet_margin: float = param(0.1, "Cosine margin of the triplet loss.", low=0.0, high=1.0)
 
@@ -200,6 +204,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", "Where to train; auto picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"), tune=False)
     num_threads: int = param(0, "Torch CPU threads (0 = leave torch's default).", low=0, high=1024, tune=False)
     eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
+    emergence_nulls: bool = param(True, "Measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
     init_from: str = param(
         "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md).", tune=False
     )
@@ -223,7 +228,28 @@ class DataConfig:
     cache_dir: str = param("~/.cache/cnn3d/embeddings", "Folder of the shared embedding cache.", tune=False)
     max_cache_size_gb: float = param(10.0, "Cap of the cache; least-recently-used shards are evicted beyond it.", low=0.0, high=10_000.0, tune=False)
     cache_dtype: Literal["float16", "float32"] = param("float32", "Storage precision of cached vectors.", choices=("float16", "float32"), tune=False)
-    decode_bank: str = param("", "Extra text file whose lines join the decoder's phrase bank.", tune=False)
+    decode_bank: str = param("", "Extra text file whose lines join the decoder's phrase bank (validation split, plus the built-in corpus when corpus=builtin).", tune=False)
+    domains: tuple[str, ...] = param(
+        (), "Corpora trained one after another (continual learning), e.g. builtin:news,builtin:dialogue; "
+        "empty = train on data.corpus alone.", tune=False,
+    )
+
+
+CONTINUAL_FREEZABLE = ("transform", "gating", "local", "functional", "distant")
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """Remedies against forgetting when data.domains holds a sequence (see docs/continual.md)."""
+
+    ewc_lambda: float = param(0.0, "EWC: weight of the penalty on drifting from earlier stages (0 = off).", low=0.0, high=1e4)
+    ewc_samples: int = param(256, "EWC: training sentences used to estimate the diagonal Fisher after a stage (0 = all).", low=0, high=10_000_000, tune=False)
+    replay_size: int = param(0, "Replay: earlier stages' teacher embeddings kept in the buffer (0 = no replay).", low=0, high=10_000_000, tune=False)
+    replay_fraction: float = param(0.25, "Replay: share of each batch drawn from the buffer.", low=0.0, high=1.0)
+    freeze: tuple[str, ...] = param(
+        (), "Parameter groups frozen after the first stage: any of transform, gating, local, functional, distant.", tune=False
+    )
+    joint: bool = param(False, "Train on all data.domains at once (the upper bound) instead of in sequence.", tune=False)
 
 
 SECTIONS = {
@@ -234,6 +260,7 @@ SECTIONS = {
     "loss": LossConfig,
     "train": TrainConfig,
     "data": DataConfig,
+    "continual": ContinualConfig,
 }
 
 
@@ -248,6 +275,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -378,6 +406,9 @@ def check_value(spec: FieldSpec, value: Any) -> None:
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"{spec.key}={value!r} is not one of {', '.join(map(str, spec.choices))}")
     numeric = spec.type in (int, float) and not isinstance(value, bool)
+    if numeric and isinstance(value, float) and not math.isfinite(value):  # NaN passes every < and > test
+        allowed = f" in [{spec.low}, {spec.high}]" if spec.low is not None or spec.high is not None else ""
+        raise ConfigError(f"{spec.key}={value!r} is not a finite number; give a number{allowed}")
     if numeric and (spec.low is not None and value < spec.low or spec.high is not None and value > spec.high):
         raise ConfigError(f"{spec.key}={value!r} is out of range [{spec.low}, {spec.high}]")
 
@@ -401,6 +432,13 @@ def validate(config: Config) -> None:
             "train.curriculum_end_difficulty must be >= train.curriculum_start_difficulty "
             f"(got {config.train.curriculum_end_difficulty} < {config.train.curriculum_start_difficulty})"
         )
+    if (config.lattice.boundary == "periodic" and "functional" in config.moe.experts
+            and config.moe.functional_radius > min(config.lattice.dims)):
+        raise ConfigError(
+            f"moe.functional_radius={config.moe.functional_radius} exceeds the smallest lattice side "
+            f"{min(config.lattice.dims)} with lattice.boundary=periodic (it would wrap more than once); "
+            f"use a radius <= {min(config.lattice.dims)} or lattice.boundary=zero"
+        )
     if config.data.max_words < config.data.min_words:
         raise ConfigError(f"data.max_words={config.data.max_words} must be >= data.min_words={config.data.min_words}")
     if config.total_epochs < 1:
@@ -411,6 +449,7 @@ def validate(config: Config) -> None:
             f"train.grow_schedule={config.train.grow_schedule} uses {sum(e for _, e in stages)} of the "
             f"{config.total_epochs} epochs; leave at least one for lattice.size={config.lattice.size}"
         )
+    validate_continual(config)
 
 
 def grow_stages(schedule: str) -> list[tuple[int, int]]:
@@ -428,6 +467,20 @@ def grow_stages(schedule: str) -> list[tuple[int, int]]:
             raise ConfigError(f"train.grow_schedule={schedule!r}: sizes must lie in [2, 128] and epochs be >= 1")
         stages.append(stage)
     return stages
+
+
+def validate_continual(config: Config) -> None:
+    """Cross-field rules of data.domains and the continual section."""
+    domains = config.data.domains
+    if len(domains) == 1:
+        raise ConfigError(f"data.domains={domains[0]} holds one domain but a sequence needs at least two "
+                          "(e.g. data.domains=builtin:news,builtin:dialogue); leave it empty to train on data.corpus")
+    if any(not d.strip() for d in domains):
+        raise ConfigError(f"data.domains={','.join(domains)} has an empty entry; every domain needs a corpus spec")
+    bad = [f for f in config.continual.freeze if f not in CONTINUAL_FREEZABLE]
+    if bad or len(set(config.continual.freeze)) != len(config.continual.freeze):
+        raise ConfigError(f"continual.freeze={','.join(config.continual.freeze)} must be distinct names from "
+                          f"{', '.join(CONTINUAL_FREEZABLE)}")
 
 
 # --------------------------------------------------------------------------- dotted vocabulary
@@ -455,7 +508,7 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
     """
     specs = field_specs()
     per_section: dict[str, dict[str, Any]] = {}
-    for key, value in overrides.items():
+    for key, value in _expand_deprecated(overrides).items():
         if key not in specs:
             raise ConfigError(unknown_key_message(key, specs))
         spec = specs[key]
@@ -467,6 +520,21 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
         section: dataclasses.replace(getattr(config, section), **changes) for section, changes in per_section.items()
     }
     return dataclasses.replace(config, **replaced)
+
+
+# old key -> the keys it now sets to the same value (the old term was exactly their sum)
+DEPRECATED_KEYS = {"loss.emergence": ("loss.sparsity", "loss.load_balance")}
+
+
+def _expand_deprecated(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace deprecated keys by their successors (explicit successor values win), warning once per key."""
+    out = {k: v for k, v in overrides.items() if k not in DEPRECATED_KEYS}
+    for old, new_keys in DEPRECATED_KEYS.items():
+        if old in overrides:
+            logging.getLogger(__name__).warning("%s is deprecated; it sets %s", old, " and ".join(new_keys))
+            for key in new_keys:
+                out.setdefault(key, overrides[old])
+    return out
 
 
 def parse_assignments(items: typing.Iterable[str]) -> dict[str, str]:
@@ -514,7 +582,7 @@ def save_config(config: Config, path: str | Path) -> Path:
 
         text = yaml.safe_dump(data, sort_keys=False)
     else:
-        text = json.dumps(data, indent=2) + "\n"
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"  # strict JSON: validation rejects NaN/inf
     path.write_text(text)
     return path
 

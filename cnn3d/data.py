@@ -50,6 +50,7 @@ __all__ = [
     "builtin_sentences",
     "clean_sentences",
     "curriculum_fraction",
+    "curriculum_indices",
     "curriculum_subset",
     "hash_unit",
     "heldout_sentences",
@@ -63,7 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv")
-CORPUS_HELP = "use 'builtin', 'synthetic', a .txt/.jsonl/.csv file or a folder of them, or hf:DATASET[:SPLIT]"
+CORPUS_HELP = "use 'builtin', builtin:news|science|dialogue, 'synthetic', a .txt/.jsonl/.csv file or a folder of them, or hf:DATASET[:SPLIT]"
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -342,6 +343,10 @@ def load_corpus(data_cfg: DataConfig, *, min_sentences: int = 1, seed: int = 0) 
     known: dict[str, float] = {}
     if spec == "builtin":
         texts, source = builtin_sentences(), "built-in corpus"
+    elif spec.startswith("builtin:"):
+        from .domains import builtin_domain_sentences
+
+        texts, source = builtin_domain_sentences(spec[len("builtin:"):]), f"built-in domain {spec}"
     elif spec == "synthetic":
         texts, known, source = _synthetic(data_cfg, seed)
     else:
@@ -377,18 +382,25 @@ def read_phrase_file(path: str) -> list[str]:
     return [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
 
 
-def curriculum_subset(texts: Sequence[str], difficulties: Sequence[float], fraction: float) -> list[str]:
-    """The easiest ``fraction`` of ``texts`` (at least one), in their original order.
+def curriculum_indices(difficulties: Sequence[float], fraction: float, minimum: int = 1) -> list[int]:
+    """Positions of the easiest ``fraction`` of items (at least ``minimum``, at most all), in ascending order.
 
-    Ties in difficulty are broken by position, so the result is deterministic.
+    The one curriculum rule (the trainer passes ``minimum=train.batch_size``): keep
+    ``k = clamp(ceil(fraction * n), minimum, n)`` items, easiest first, ties broken by position.
     """
+    n = len(difficulties)
+    if not n:
+        return []
+    # 1e-9: 0.3 * 10 is 3.0000000000000004 in floating point and must keep 3, not 4
+    k = min(n, max(minimum, 1, math.ceil(min(max(fraction, 0.0), 1.0) * n - 1e-9)))
+    return sorted(sorted(range(n), key=lambda i: (difficulties[i], i))[:k])
+
+
+def curriculum_subset(texts: Sequence[str], difficulties: Sequence[float], fraction: float, minimum: int = 1) -> list[str]:
+    """The texts at ``curriculum_indices(difficulties, fraction, minimum)``, in their original order."""
     if len(texts) != len(difficulties):
         raise ValueError(f"got {len(texts)} texts but {len(difficulties)} difficulties")
-    if not texts:
-        return []
-    k = min(len(texts), max(1, math.ceil(min(max(fraction, 0.0), 1.0) * len(texts) - 1e-9)))
-    keep = set(sorted(range(len(texts)), key=lambda i: (difficulties[i], i))[:k])
-    return [t for i, t in enumerate(texts) if i in keep]
+    return [texts[i] for i in curriculum_indices(difficulties, fraction, minimum)]
 
 
 def curriculum_fraction(epoch: int, epochs: int, start: float, end: float) -> float:

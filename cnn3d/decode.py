@@ -6,10 +6,16 @@ trained by the student's loss, so decoding accuracy measures the student alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import DataConfig
+    from .data import Corpus
 
 
 @dataclass
@@ -60,6 +66,19 @@ class PhraseBank:
         return [DecodedExample(t, d, s, d == t) for t, (d, s) in zip(texts[:n], decoded)]
 
 
+def bank_texts(corpus: Corpus, data: DataConfig, extra: Sequence[str] = ()) -> list[str]:
+    """The decoder's phrase bank, the one rule for the trainer and ``cnn3d-decode`` (distinct, first kept).
+
+    The validation split, then every built-in sentence when ``data.corpus`` is ``builtin`` (already embedded
+    for training, so free), then the lines of ``data.decode_bank``, then ``extra`` (the texts being decoded).
+    A user corpus therefore embeds only its own sentences and ``data.decode_bank``, never the built-in corpus.
+    """
+    from .data import builtin_sentences, read_phrase_file
+
+    builtin = builtin_sentences() if data.corpus.strip() == "builtin" else []
+    return list(dict.fromkeys([*corpus.validation, *builtin, *read_phrase_file(data.decode_bank), *extra]))
+
+
 def build_bank(texts: list[str], embeddings: torch.Tensor) -> PhraseBank:
     """A bank of distinct texts (first occurrence kept)."""
     seen: dict[str, int] = {}
@@ -79,26 +98,35 @@ class Decoding:
 
 
 def decode_with_checkpoint(checkpoint: str, texts: list[str], bank_file: str | None = None, top: int = 3) -> list[Decoding]:
-    """Load a checkpoint and its teacher, and decode ``texts`` against the validation + built-in + extra bank."""
+    """Load a checkpoint and its teacher, and decode ``texts`` against the bank of ``bank_texts`` (plus ``texts``).
+
+    The checkpoint is verified and its weights loaded before the teacher is, so a damaged folder fails fast.
+    """
     from .cache import EmbeddingCache, embed_with_cache
-    from .checkpoint import load_weights, read_checkpoint_meta
+    from .checkpoint import CheckpointError, load_weights, open_checkpoint
     from .config import with_overrides
-    from .data import builtin_sentences, load_corpus, read_phrase_file
+    from .data import load_corpus
     from .device import resolve_device
     from .model import build_model
     from .teacher import load_teacher
 
-    config, meta = read_checkpoint_meta(checkpoint)
+    ckpt = open_checkpoint(checkpoint)
+    config = ckpt.config
     if bank_file:
         config = with_overrides(config, {"data.decode_bank": bank_file})
     device = resolve_device(config.train.device)
+    try:
+        model = build_model(config, ckpt.teacher_dim, seed=config.train.seed).to(device).eval()
+    except ValueError as exc:  # config.json and meta.json disagree on the teacher dimension
+        raise CheckpointError(f"checkpoint {ckpt.folder}: {exc}") from None
+    load_weights(ckpt, model, device)
+    bank_phrases = bank_texts(load_corpus(config.data), config.data, texts)
     teacher = load_teacher(config.teacher, device)
+    if teacher.dim != ckpt.teacher_dim:
+        raise CheckpointError(f"checkpoint {ckpt.folder} expects {ckpt.teacher_dim}-D teacher embeddings, "
+                              f"but {config.teacher.model} gives {teacher.dim}-D")
     cache = EmbeddingCache.from_config(config.data)
-    extra = read_phrase_file(config.data.decode_bank)
-    bank_texts = list(dict.fromkeys(load_corpus(config.data).validation + builtin_sentences() + extra + texts))
-    bank = build_bank(bank_texts, embed_with_cache(teacher, bank_texts, cache))
-    model = build_model(config, int(meta["teacher_dim"])).to(device).eval()
-    load_weights(checkpoint, model, device)
+    bank = build_bank(bank_phrases, embed_with_cache(teacher, bank_phrases, cache))
     targets = embed_with_cache(teacher, texts, cache).to(device)
     with torch.no_grad():
         outputs = model(targets).embedding.float().cpu()

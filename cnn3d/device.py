@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -44,3 +45,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, configured: int = 0) -> int:
+    """Torch threads for one of ``workers`` processes sharing this machine: ``configured`` if set
+    (``train.num_threads``), else an equal share of the cores, at least 1.
+
+    Two processes each asking for every core oversubscribe them: the threads of one
+    wait at every parallel region for threads the other has descheduled.
+    """
+    if configured:
+        return configured
+    return max(1, available_cores() // max(1, workers))

@@ -3,7 +3,7 @@
 Shapes: ``pred`` and ``target`` are ``[B, T]`` (student output, teacher embedding).
 No term rewards a worse reconstruction: every term is >= 0 and the reconstruction
 terms are zero exactly when ``pred == target``; diversity and triplet are zero
-then too; emergence does not look at the reconstruction at all.
+then too; sparsity and load balance do not look at the reconstruction at all.
 """
 
 from __future__ import annotations
@@ -47,17 +47,20 @@ def diversity_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.relu(excess).pow(2).mean()
 
 
-def emergence_loss(activity: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Sparse cell activity plus expert load balance.
+def sparsity_loss(activity: torch.Tensor) -> torch.Tensor:
+    """L1 on cell activity: ``activity`` is the mean |state| over steps (a scalar); pushes towards sparse states."""
+    return activity
 
-    ``activity`` is the mean |state| (L1, pushes towards sparse activations);
-    ``gates`` ``[B, E, D, H, W]`` per-cell expert weights. The balance term
-    ``E * sum_e usage_e^2 - 1`` is 0 when experts are used equally overall and
-    grows as one expert takes everything, while each cell stays free to specialise.
+
+def load_balance_loss(gates: torch.Tensor) -> torch.Tensor:
+    """Expert load balance from ``gates`` ``[B, E, D, H, W]`` (per-cell expert weights).
+
+    ``E * sum_e usage_e^2 - 1`` is 0 when experts are used equally overall and grows
+    as one expert takes everything (to E - 1). Each cell stays free to specialise, but
+    the overall usage is pushed to uniform; weight 0 lets the gate favour experts.
     """
     usage = gates.mean(dim=(0, 2, 3, 4))  # [E]
-    balance = usage.numel() * usage.pow(2).sum() - 1.0
-    return activity + balance
+    return usage.numel() * usage.pow(2).sum() - 1.0
 
 
 def triplet_loss(pred: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -91,7 +94,8 @@ def total_loss(
         "reconstruction": lambda: reconstruction_loss(pred, target),
         "cosine": lambda: cosine_loss(pred, target),
         "diversity": lambda: diversity_loss(pred, target),
-        "emergence": lambda: emergence_loss(activity, gates),
+        "sparsity": lambda: sparsity_loss(activity),
+        "load_balance": lambda: load_balance_loss(gates),
         "triplet": lambda: triplet_loss(pred, target, weights.triplet_margin),
     }
     parts = {name: fn() for name, fn in terms.items() if getattr(weights, name) > 0}

@@ -59,9 +59,14 @@ def mutual_info_gaussian(a: torch.Tensor, b: torch.Tensor, k: int = 8) -> float:
     for others (it sees linear relations only). Independent inputs give ~0
     (a small positive bias of about k^2 / (2N)).
     """
-    za, zb = _top_components(a, k), _top_components(b, k)
+    return gaussian_mi_of_components(_top_components(a, k), _top_components(b, k))
+
+
+def gaussian_mi_of_components(za: torch.Tensor, zb: torch.Tensor) -> float:
+    """Gaussian MI (nats) between already-reduced ``za [N, ka]`` and ``zb [N, kb]`` (re-centred here)."""
     if za.shape[1] == 0 or zb.shape[1] == 0:
         return 0.0
+    za, zb = za - za.mean(0, keepdim=True), zb - zb.mean(0, keepdim=True)
     joint = torch.cat([za, zb], dim=1)
     n = joint.shape[0]
 
@@ -118,13 +123,19 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if denom == 0 else (ra @ rb / denom).item()
 
 
+def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` pairwise cosine similarities of the rows of ``x`` (double)."""
+    x = F.normalize(x.double(), dim=-1)
+    return x @ x.T
+
+
 def rsa(student: torch.Tensor, teacher: torch.Tensor) -> float:
     """Representational similarity: Spearman correlation of the pairwise cosine matrices (upper triangles)."""
-    n = student.shape[0]
+    return rsa_of_matrices(similarity_matrix(student), similarity_matrix(teacher))
+
+
+def rsa_of_matrices(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of the upper triangles of two ``[N, N]`` similarity matrices."""
+    n = a.shape[0]
     iu = torch.triu_indices(n, n, offset=1)
-
-    def sims(x):
-        x = F.normalize(x.double(), dim=-1)
-        return (x @ x.T)[iu[0], iu[1]]
-
-    return spearman(sims(student), sims(teacher))
+    return spearman(a[iu[0], iu[1]], b[iu[0], iu[1]])

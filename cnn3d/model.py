@@ -53,14 +53,16 @@ class FaceIO(nn.Module):
 class LatticeStudent(nn.Module):
     """Maps ``[B, teacher_dim]`` to ``[B, teacher_dim]`` through a 3D lattice of identical cells."""
 
-    def __init__(self, config: Config, teacher_dim: int):
+    fused: bool = True  # run the lattice through the fused step (False: the reference formulation)
+
+    def __init__(self, config: Config, teacher_dim: int, *, checkpointing: bool = False):
         super().__init__()
         lat = config.lattice
         self.dims = lat.dims
         self.steps = lat.steps
         self.state_size = lat.state_size
         self.inject_every_step = lat.inject == "every_step"
-        self.checkpointing = config.train.gradient_checkpointing
+        self.checkpointing = checkpointing  # recompute steps in backward (a training setting, passed in)
         self.teacher_dim = teacher_dim
         _, h, w = self.dims
         self.transform = EmbeddingTransformer(config.transform, teacher_dim, (lat.face_channels, h, w))
@@ -72,30 +74,51 @@ class LatticeStudent(nn.Module):
         return self.processor.expert_names
 
     def _step(self, state: torch.Tensor, drive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference step on ``[B, C, D, H, W]`` (the straightforward formulation, ``fused = False``)."""
         if drive is not None:  # add the lifted input to the front face only
             state = torch.cat([state[:, :, :1] + drive.unsqueeze(2), state[:, :, 1:]], dim=2)
         return self.processor.step(state)
 
+    def _step_rows(self, rows: torch.Tensor, drive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused step on rows ``[B, D, H, W, C]``; ``drive [B, H, W, C]`` joins the front face ``z = 0``."""
+        if drive is not None:
+            rows = torch.cat([rows[:, :1] + drive.unsqueeze(1), rows[:, 1:]], dim=1)
+        return self.processor.step_rows(rows)
+
     def run_lattice(self, face_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``face_in [B, F, H, W]`` -> (final state, mean gates, mean |state|)."""
+        """``face_in [B, F, H, W]`` -> (final state, mean gates, mean |state|).
+
+        The state is ``[B, C, D, H, W]`` in channels-last memory (per-cell channel vectors
+        contiguous, so pointwise maps are plain matmuls). With ``fused`` (the default) the
+        loop runs on its rows view ``[B, D, H, W, C]`` through ``MoEProcessor.step_rows``;
+        ``fused = False`` runs the straightforward reference step.
+        """
         b = face_in.shape[0]
         d, h, w = self.dims
-        # channels-last: per-cell channel vectors contiguous, so pointwise maps are plain matmuls
-        state = face_in.new_zeros(b, self.state_size, d, h, w).contiguous(memory_format=torch.channels_last_3d)
-        drive = self.face_io.inject(face_in)
         num_experts = len(self.expert_names)
-        gate_sum = face_in.new_zeros(b, num_experts, d, h, w)
+        drive = self.face_io.inject(face_in)  # [B, C, H, W]
+        if self.fused:
+            state = face_in.new_zeros(b, d, h, w, self.state_size)
+            drive = drive.permute(0, 2, 3, 1)  # [B, H, W, C]
+            step = self._step_rows
+        else:
+            state = face_in.new_zeros(b, self.state_size, d, h, w).contiguous(memory_format=torch.channels_last_3d)
+            step = self._step
+        gate_sum = None
         activity = face_in.new_zeros(())
         for t in range(self.steps):
             step_drive = drive if (t == 0 or self.inject_every_step) else None
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                state, gates = checkpoint(self._step, state, step_drive, use_reentrant=False)
+                state, gates = checkpoint(step, state, step_drive, use_reentrant=False)
             else:
-                state, gates = self._step(state, step_drive)
-            gate_sum = gate_sum + gates
+                state, gates = step(state, step_drive)
+            gate_sum = gates if gate_sum is None else gate_sum + gates
             activity = activity + state.abs().mean()
+        if self.fused:
+            state = state.permute(0, 4, 1, 2, 3)  # rows -> [B, C, D, H, W] (a channels-last view)
+            gate_sum = None if gate_sum is None else gate_sum.permute(0, 4, 1, 2, 3)
         if self.steps == 0:
-            return state, gate_sum + 1.0 / num_experts, activity
+            return state, face_in.new_full((b, num_experts, d, h, w), 1.0 / num_experts), activity
         return state, gate_sum / self.steps, activity / self.steps
 
     def forward(self, embedding: torch.Tensor) -> StudentOutput:
@@ -132,12 +155,21 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def build_model(config: Config, teacher_dim: int) -> LatticeStudent:
-    """The student for ``config``, seeded by ``train.seed`` (deterministic weights)."""
+def build_model(
+    config: Config, teacher_dim: int, *, seed: int | None = None, gradient_checkpointing: bool | None = None
+) -> LatticeStudent:
+    """The student for ``config`` with deterministic weights from ``seed``.
+
+    The model reads only the model sections of ``config``; the two training settings it needs are
+    passed in (the trainer does). Left as None they default to ``train.seed`` and
+    ``train.gradient_checkpointing``, for scripts and tests that build a model from a config alone.
+    """
     if config.teacher.embedding_dim and config.teacher.embedding_dim != teacher_dim:
         raise ValueError(
             f"teacher.embedding_dim={config.teacher.embedding_dim} but the teacher produces {teacher_dim}-D embeddings"
         )
+    seed = config.train.seed if seed is None else seed
+    checkpointing = config.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        return LatticeStudent(config, teacher_dim)
+        torch.manual_seed(seed)
+        return LatticeStudent(config, teacher_dim, checkpointing=checkpointing)

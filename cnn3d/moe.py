@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from .config import LatticeConfig, MoEConfig
 from .experts import build_expert
+from .fused import fused_step
 
 
 class MoEProcessor(nn.Module):
@@ -47,7 +48,15 @@ class MoEProcessor(nn.Module):
         return weights
 
     def step(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The straightforward formulation on ``[B, C, D, H, W]``: each expert, then the gate mix.
+
+        The reference for ``step_rows`` (tests compare the two) and for benchmarks' before/after.
+        """
         gates = self.gate_weights(state)
         message = sum(gates[:, i : i + 1] * expert(state) for i, expert in enumerate(self.experts.values()))
         new_state = (1 - self.update_rate) * state + self.update_rate * torch.tanh(message)
         return new_state, gates
+
+    def step_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same step, fused, on rows ``[B, D, H, W, C]``; gates come back as ``[B, D, H, W, E]``."""
+        return fused_step(self, rows)

@@ -28,9 +28,11 @@ from .errors import UserError
 __all__ = [
     "MAX_CLAUSES",
     "MAX_WORDS",
+    "PROBE_LABELS",
     "SyntheticSentence",
     "generate_examples",
     "generate_sentences",
+    "probe_labels",
     "sentence_difficulty",
 ]
 
@@ -130,6 +132,10 @@ class SyntheticSentence:
     clauses: int
     words: int
     rare_share: float
+    # exact labels decided by the generator (probing tasks): main clause's tense and subject
+    tense: str = "present"  # present | past
+    plural_subject: bool = False
+    human_subject: bool = True  # a person (teacher, baker ...) rather than an animal (dog, fox ...)
 
 
 def sentence_difficulty(clauses: int, words: int, rare_share: float) -> float:
@@ -155,6 +161,8 @@ class _Builder:
         self.clauses = 1
         self.tense = "past"
         self.relative_rate = 0.0
+        self.subject_plural: bool | None = None  # of the main clause: the first animate noun phrase built
+        self.subject_human: bool | None = None
 
     def pick(self, common: list, rare: list):
         """A lexicon entry; rare with probability ``rare_rate`` (counted as one content word)."""
@@ -175,11 +183,14 @@ class _Builder:
     def noun_phrase(self, animate: bool, allow_clause: bool) -> tuple[str, bool]:
         """``(text, plural)`` for a noun phrase, maybe with an adjective, a place and a relative clause."""
         if animate:
-            pool, rare_pool = (PEOPLE, RARE_PEOPLE) if self.chance(0.7) else (ANIMALS, RARE_ANIMALS)
+            human = self.chance(0.7)
+            pool, rare_pool = (PEOPLE, RARE_PEOPLE) if human else (ANIMALS, RARE_ANIMALS)
             adjs, rare_adjs = ANIMATE_ADJ, RARE_ANIMATE_ADJ
         else:
             pool, rare_pool, adjs, rare_adjs = THINGS, RARE_THINGS, THING_ADJ, RARE_THING_ADJ
         plural = self.chance(0.3)
+        if animate and self.subject_human is None:  # no draw added: generation stays identical by seed
+            self.subject_human, self.subject_plural = human, plural
         noun = self.pick(pool, rare_pool)[1 if plural else 0]
         words = [self.rng.choice(("the", "some", "those")) if plural else self.rng.choice(("the", "the", "a", "this"))]
         if words[0] == "a" and noun[0] in "aeiou":
@@ -263,7 +274,17 @@ def _one(rng: random.Random) -> SyntheticSentence:
     text, clauses = b.sentence(extra)
     words = len(text.split())
     share = b.rare / b.content if b.content else 0.0
-    return SyntheticSentence(text, sentence_difficulty(clauses, words, share), clauses, words, share)
+    return SyntheticSentence(text, sentence_difficulty(clauses, words, share), clauses, words, share,
+                             b.tense, bool(b.subject_plural), bool(b.subject_human))
+
+
+PROBE_LABELS = ("tense", "plural_subject", "human_subject", "clauses")
+
+
+def probe_labels(sentence: SyntheticSentence) -> dict[str, str]:
+    """The generator's exact labels of one sentence, as strings (for probing tasks)."""
+    return {"tense": sentence.tense, "plural_subject": str(sentence.plural_subject).lower(),
+            "human_subject": str(sentence.human_subject).lower(), "clauses": str(sentence.clauses)}
 
 
 def generate_examples(n: int, seed: int = 0, *, max_attempts: int | None = None) -> list[SyntheticSentence]:

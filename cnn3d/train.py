@@ -17,23 +17,33 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .analysis import CubeResponses, EmergenceNulls, emergence_values, emergence_with_nulls, null_metric_names
 from .cache import EmbeddingCache, embed_with_cache
-from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_output_folder,
+    load_optimizer,
+    load_weights,
+    open_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, flatten
-from .data import builtin_sentences, curriculum_fraction, load_corpus, read_phrase_file
-from .decode import PhraseBank, build_bank
+from .data import curriculum_fraction, curriculum_indices, load_corpus
+from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
-from .model import LatticeStudent
+from .memory import SavedActivations, run_peak_mb, state_bytes
+from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
 from .transfer import carry_optimizer_state, grow, initial_student, log_table, precheck, stage_config
@@ -48,16 +58,21 @@ EMERGENCE_SAMPLES = 512  # validation samples used for the O(N^2)/SVD emergence 
 REPORTED_METRICS = (
     "train_loss", "lr", "train_sentences", "throughput_samples_per_s", "cell_steps_per_s", "epoch_seconds",
     "peak_memory_mb", "cache_hit_rate", "val_loss", "val_mse", "val_cosine", "val_loss_reconstruction",
-    "val_loss_cosine", "val_loss_diversity", "val_loss_emergence", "val_loss_triplet", "decode_top1", "decode_top5",
+    "val_loss_cosine", "val_loss_diversity", "val_loss_sparsity", "val_loss_load_balance", "val_loss_triplet", "decode_top1", "decode_top5",
     "baseline_pca_cosine", "baseline_mean_cosine", "face_numbers", "effective_dim", "mutual_info_front_back",
     "cell_specialization", "expert_usage_entropy", "embedding_norm_mean", "embedding_norm_std",
-    "activation_sparsity", "rsa_teacher",
+    "activation_sparsity", "rsa_teacher", *null_metric_names(),
 )
+
+
+# Reported by runs over a sequence of data.domains (cnn3d.continual); cl_matrix/<stage>/<domain> and others join.
+CONTINUAL_METRICS = ("avg_final_cosine", "forgetting", "new_domain_cosine", "last_domain_cosine")
 
 
 def is_reported_metric(name: str) -> bool:
     """Whether ``name`` is a metric ``train`` reports (usable as a tuner objective)."""
-    return name in REPORTED_METRICS or name.startswith("expert_usage_")
+    return (name in REPORTED_METRICS or name.startswith("expert_usage_") or name in CONTINUAL_METRICS
+            or name.startswith("cl_"))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,9 +130,8 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
     warmup_texts: list[str] = []
     if config.train.warmup_epochs and config.train.warmup_synthetic:
         warmup_texts = [text for text, _ in generate_sentences(config.data.synthetic_sentences, config.train.seed)]
-    extra_bank = read_phrase_file(config.data.decode_bank)
-    bank_texts = list(dict.fromkeys(corpus.validation + builtin_sentences() + extra_bank))
-    everything = list(dict.fromkeys(corpus.train + corpus.validation + warmup_texts + bank_texts))
+    bank = bank_texts(corpus, config.data)
+    everything = list(dict.fromkeys(corpus.train + corpus.validation + warmup_texts + bank))
     teacher = load_teacher(config.teacher, device)
     cache = EmbeddingCache.from_config(config.data)
     vectors = embed_with_cache(teacher, everything, cache, progress=progress)
@@ -135,7 +149,7 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
         difficulty=torch.tensor(corpus.difficulty(corpus.train), dtype=torch.float32),
         warmup_texts=warmup_texts,
         warmup=take(warmup_texts),
-        bank=build_bank(bank_texts, take(bank_texts)),
+        bank=build_bank(bank, take(bank)),
         cache_metrics=cache_metrics,
     )
 
@@ -189,8 +203,7 @@ def epoch_texts(data: TrainingData, config: Config, phase: str, main_index: int)
         fraction = curriculum_fraction(
             main_index, t.main_epochs, t.curriculum_start_difficulty, t.curriculum_end_difficulty
         )
-        keep = max(t.batch_size, math.ceil(fraction * len(data.train_texts)))
-        return data.difficulty.argsort(stable=True)[:keep].sort().values
+        return torch.tensor(curriculum_indices(data.difficulty.tolist(), fraction, minimum=t.batch_size))
     return torch.arange(len(data.train_texts))
 
 
@@ -198,10 +211,15 @@ def epoch_texts(data: TrainingData, config: Config, phase: str, main_index: int)
 
 
 @torch.no_grad()
-def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: torch.device, dtype) -> dict:
-    """Validation metrics, baselines computed on the same split, and emergence metrics."""
+def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: torch.device, dtype,
+             nulls: EmergenceNulls | None = None) -> dict:
+    """Validation metrics, baselines computed on the same split, and emergence metrics.
+
+    With ``nulls`` (built once per run by ``emergence_nulls``) every emergence metric also gets
+    its untrained-cube and shuffled-control nulls, excess and bootstrap std (``cnn3d.analysis``).
+    """
     model.eval()
-    outs, faces_in, faces_out, backs, gates, states = [], [], [], [], [], []
+    outs, responses = [], []
     parts: dict[str, float] = {}
     total = 0.0
     batches = 0
@@ -216,12 +234,8 @@ def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: 
         for k, v in comps.items():
             parts[k] = parts.get(k, 0.0) + v.item()
         outs.append(pred.cpu())
-        faces_in.append(out.face_in.float().flatten(1).cpu())
-        faces_out.append(out.face_out.float().flatten(1).cpu())
-        backs.append(out.state[:, :, -1].float().flatten(1).cpu())
-        gates.append(out.gates.float().cpu())
-        if sum(s.shape[0] for s in states) < EMERGENCE_SAMPLES:
-            states.append(out.state.float().cpu())
+        if start < EMERGENCE_SAMPLES:
+            responses.append(CubeResponses.from_output(out))
     pred = torch.cat(outs)
     result = {
         "val_loss": total / batches,
@@ -230,39 +244,32 @@ def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: 
         **{f"val_{k}": v / batches for k, v in parts.items()},
     }
     result["decode_top1"], result["decode_top5"] = data.bank.accuracy(pred, data.val_texts, k=5)
-    result.update(emergence_metrics(model, pred, data.val, faces_in, faces_out, backs, gates, states))
+    trained = CubeResponses.cat(responses, EMERGENCE_SAMPLES)
+    result.update(emergence_metrics(model, pred, data.val, trained))
+    if nulls is not None:
+        result.update(emergence_with_nulls(model, trained, nulls, config.train.batch_size, device, dtype))
     examples = [e.as_dict() for e in data.bank.examples(pred, data.val_texts, n=8)]
     return {"metrics": result, "examples": examples}
 
 
-def emergence_metrics(model, pred, teacher, faces_in, faces_out, backs, gates, states) -> dict[str, float]:
-    n = EMERGENCE_SAMPLES
-    front, back_face = torch.cat(faces_in)[:n], torch.cat(faces_out)[:n]
-    back_states = torch.cat(backs)[:n]
-    gate = torch.cat(gates)  # [N, E, D, H, W]
-    state = torch.cat(states)[:n]  # [n, C, D, H, W]
-    usage = gate.mean(dim=(0, 2, 3, 4))
-    cell_response = state.abs().mean(1).flatten(1)  # [n, cells]
-    result = {
-        "effective_dim": M.effective_dim(back_states),
-        "mutual_info_front_back": M.mutual_info_gaussian(front, back_face),
-        "cell_specialization": M.cell_specialization(cell_response),
-        "expert_usage_entropy": M.usage_entropy(usage),
-        "embedding_norm_mean": pred.norm(dim=1).mean().item(),
-        "embedding_norm_std": pred.norm(dim=1).std().item() if pred.shape[0] > 1 else 0.0,
-        "activation_sparsity": M.activation_sparsity(state),
-        "rsa_teacher": M.rsa(pred[:n], teacher[:n]),
-    }
-    for name, share in zip(model.expert_names, usage.tolist()):
+def emergence_metrics(model, pred: torch.Tensor, teacher: torch.Tensor, trained: CubeResponses) -> dict[str, float]:
+    """The raw emergence metrics on the first ``EMERGENCE_SAMPLES`` validation sentences, plus norms and usage."""
+    result = emergence_values(trained, teacher[: len(trained)])
+    result["embedding_norm_mean"] = pred.norm(dim=1).mean().item()
+    result["embedding_norm_std"] = pred.norm(dim=1).std().item() if pred.shape[0] > 1 else 0.0
+    for name, share in zip(model.expert_names, trained.usage.mean(0).tolist()):
         result[f"expert_usage_{name}"] = share
     return result
 
 
+def emergence_nulls(config: Config, data: TrainingData, device: torch.device, dtype) -> EmergenceNulls:
+    """The untrained cube (same seed, initial weights) run once over the validation sentences, and the controls."""
+    untrained = build_model(config, data.teacher_dim).to(device)
+    return EmergenceNulls.build(untrained, data.val[:EMERGENCE_SAMPLES], config.train.batch_size, device, dtype,
+                                seed=config.train.seed)
+
+
 # --------------------------------------------------------------------------- the loop
-
-
-def _peak_rss_mb(current: float) -> float:
-    return max(current, psutil.Process().memory_info().rss / 2**20)
 
 
 def _memory_metric(device: torch.device, cpu_peak: float) -> float:
@@ -292,9 +299,14 @@ def train(
     every epoch; ``resume_from`` continues from one (weights, optimiser, epoch).
     ``data`` may be passed to reuse prepared embeddings across calls.
     """
+    # Checked before any data is embedded or epoch run: a bad --out or --resume costs no training time.
+    if out_dir is not None:
+        check_output_folder(out_dir)
+    resume = _open_resume(resume_from, config) if resume_from is not None else None
     device = device or resolve_device(config.train.device)
     show = _show_progress(progress)
     previous_threads = torch.get_num_threads()
+    previous_flush = _flush_denormal_enabled()
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     if device.type == "cpu":
@@ -302,9 +314,19 @@ def train(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.train.seed)
-            return _train(config, device, callbacks, out_dir, resume_from, show, data)
+            if len(config.data.domains) >= 2:  # a sequence of domains: the stage loop of cnn3d.continual
+                from .continual import train_continual
+
+                return train_continual(config, device, callbacks, out_dir, resume_from, show)
+            return _train(config, device, callbacks, out_dir, resume, show, data)
     finally:
         torch.set_num_threads(previous_threads)
+        torch.set_flush_denormal(previous_flush)
+
+
+def _flush_denormal_enabled() -> bool:
+    """Whether denormal floats are flushed to zero now (torch has a setter but no getter)."""
+    return (torch.tensor([2.0**-130]) * 1.5).item() == 0.0  # 2^-130 is a float32 denormal
 
 
 @dataclass
@@ -321,25 +343,28 @@ class _Loop:
     warmup_steps: int
     step: int = 0
     cpu_peak: float = 0.0
+    extra_loss: Callable[[LatticeStudent], torch.Tensor] | None = None  # added to every batch's loss (continual EWC)
 
 
-def _train(config, device, callbacks, out_dir, resume_from, show, data) -> TrainResult:
+def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
     started = time.perf_counter()
-    if not resume_from:  # a bad train.init_from fails before the teacher runs (a resume ignores it)
+    if resume is None:  # a bad train.init_from fails before the teacher runs (a resume ignores it)
         precheck(config)
     data = data or prepare_data(config, device, progress=show)
-    model, transfer_meta = initial_student(config, data.teacher_dim, device, resume_from)  # init_from / grow stage
+    # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
+    model, transfer_meta = initial_student(config, data.teacher_dim, device, resume.folder if resume else None)
     optimizer = build_optimizer(model, config)
     plan = epoch_plan(config)
-    first_epoch, step = _resume(resume_from, config, model, optimizer, device) if resume_from else (0, 0)
+    first_epoch, step = _resume(resume, model, optimizer, device, data.teacher_dim) if resume else (0, 0)
     dtype = autocast_dtype(config.train.precision, device)
     per_step = config.train.batch_size * config.train.grad_accum_steps
     main_index = [plan[:e].count("main") for e in range(len(plan))]
     total = sum(math.ceil(len(epoch_texts(data, config, p, main_index[e])) / per_step) for e, p in enumerate(plan))
     loop = _Loop(config, model, optimizer, device, dtype,
                  torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
-                 total, max(1, total // 20), step, _peak_rss_mb(0.0))
+                 total, max(1, total // 20), step)
     generator = torch.Generator().manual_seed(config.train.seed)
+    nulls = emergence_nulls(config, data, device, dtype) if config.train.emergence_nulls else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history: list[dict[str, float]] = []
@@ -356,7 +381,7 @@ def _train(config, device, callbacks, out_dir, resume_from, show, data) -> Train
         metrics = {"epoch": epoch + 1, **_train_epoch(loop, source, order, phase, f"epoch {epoch + 1}/{len(plan)}", show),
                    **data.cache_metrics}
         if epoch == len(plan) - 1 or (epoch + 1) % config.train.eval_every == 0:
-            evaluation = evaluate(model, data, config, device, dtype)
+            evaluation = evaluate(model, data, config, device, dtype, nulls)
             metrics.update(evaluation["metrics"])
             metrics.update(baselines(data, stage))
             examples = evaluation["examples"]
@@ -394,49 +419,77 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:
     return stage
 
 
+SYNC_EVERY = 16  # micro-batches between host syncs (loss check, progress bar): each sync stalls a GPU queue
+
+
 def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: str, label: str,
                  show: bool) -> dict[str, float]:
-    """One pass over ``source[order]``; returns train loss, lr and steady-state throughput."""
+    """One pass over ``source[order]``; returns train loss, lr and steady-state throughput.
+
+    The hot loop never waits for the device: the loss sum and the first non-finite loss
+    stay on the device and are read every ``SYNC_EVERY`` micro-batches and at the end of
+    the epoch. A non-finite loss still stops the run with ``NonFiniteLoss`` (at most
+    ``SYNC_EVERY`` batches later, before any checkpoint or callback sees the epoch).
+    """
     config, model = loop.config, loop.model
     batch, accum = config.train.batch_size, config.train.grad_accum_steps
     lr_scale = FINE_TUNE_LR_FACTOR if phase == "fine_tune" else 1.0
     model.train()
     micro = [order[i : i + batch] for i in range(0, len(order), batch)]
-    train_loss, seen, warm_seen, warm_start = 0.0, 0, 0, time.perf_counter()
+    seen, warm_seen, warm_start, shown = 0, 0, time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=loop.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=loop.device)  # index of the first non-finite batch
+    bad_loss = torch.zeros((), device=loop.device)
+    activations = SavedActivations(state_bytes(model, loop.optimizer)) if loop.device.type == "cpu" else None
     bar = tqdm(total=len(order), desc=f"{label} {phase}", disable=not show, leave=False)
     for i, idx in enumerate(micro):
         target = source[idx].to(loop.device, non_blocking=True)
-        with autocast(loop.device, loop.dtype):
+        with autocast(loop.device, loop.dtype), (activations.watch() if i == 0 and activations else nullcontext()):
             out = model(target)
-        loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} at {label} batch {i + 1} "
-                f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
-            )
+            loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
+        if loop.extra_loss is not None:  # e.g. the continual EWC penalty
+            loss = loss + loop.extra_loss(model)
+        detached = loss.detach()
+        newly_bad = (first_bad < 0) & ~torch.isfinite(detached)
+        first_bad = torch.where(newly_bad, i, first_bad)
+        bad_loss = torch.where(newly_bad, detached, bad_loss)
         (loop.scaler.scale(loss / accum) if loop.scaler else loss / accum).backward()
         if (i + 1) % accum == 0 or i + 1 == len(micro):
             factor = lr_factor(loop.step, loop.total_steps, config.train.scheduler, loop.warmup_steps)
             _optimizer_step(optimizer=loop.optimizer, scaler=loop.scaler, config=config, factor=lr_scale * factor)
             loop.step += 1
-        train_loss += loss.item() * len(idx)
+        loss_sum += detached * len(idx)
         seen += len(idx)
-        loop.cpu_peak = _peak_rss_mb(loop.cpu_peak)
         if i == 0:  # time steady-state batches: the first pays for allocator and kernel warm-up
             warm_start, warm_seen = time.perf_counter(), seen
-        bar.update(len(idx))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(micro):
+            _check_finite(first_bad, bad_loss, label, config)
+            bar.update(seen - shown)
+            shown = seen
+            bar.set_postfix(loss=f"{detached.item():.4f}")
     bar.close()
     elapsed = time.perf_counter() - warm_start
     rate = (seen - warm_seen) / elapsed if seen > warm_seen else seen / max(elapsed, 1e-9)
     cells = model.dims[0] * model.dims[1] * model.dims[2] * model.steps
+    if activations is not None:
+        loop.cpu_peak = max(loop.cpu_peak, run_peak_mb(model, loop.optimizer, activations))
     return {
-        "train_loss": train_loss / max(seen, 1),
+        "train_loss": loss_sum.item() / max(seen, 1),
         "lr": loop.optimizer.param_groups[0]["lr"],
         "train_sentences": float(seen),
         "throughput_samples_per_s": rate,
         "cell_steps_per_s": rate * cells,
     }
+
+
+def _check_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor, label: str, config: Config) -> None:
+    """Raise ``NonFiniteLoss`` if a batch since the epoch began had a NaN/inf loss (one host sync)."""
+    index = int(first_bad)
+    if index >= 0:
+        raise NonFiniteLoss(
+            f"loss became {bad_loss.item()} at {label} batch {index + 1} "
+            f"(train.lr={config.train.lr}); lower the learning rate or enable train.grad_clip"
+        )
 
 
 def _optimizer_step(optimizer, scaler, config: Config, factor: float) -> None:
@@ -467,14 +520,44 @@ def baselines(data: TrainingData, config: Config) -> dict[str, float]:
     return dict(data.baselines[k])
 
 
-def _resume(folder, config: Config, model, optimizer, device) -> tuple[int, int]:
-    saved_config, meta = read_checkpoint_meta(folder)
-    if flatten(saved_config) != flatten(config):
-        differing = sorted(k for k, v in flatten(config).items() if flatten(saved_config)[k] != v)
+# Sections and keys that fix the model's shapes and parameter groups: resuming needs them unchanged.
+_MODEL_SECTIONS = ("teacher", "transform", "lattice", "moe")
+_MODEL_KEYS = ("train.freeze_transforms",)
+_FREE_KEYS = ("teacher.batch_size",)  # how the teacher is batched changes nothing saved
+
+
+def _open_resume(folder, config: Config) -> Checkpoint:
+    """Verify a checkpoint to resume from against ``config``; a mismatch is one line naming the keys."""
+    ckpt = open_checkpoint(folder)
+    saved, now = flatten(ckpt.config), flatten(config)
+    differing = sorted(k for k, v in now.items() if saved[k] != v)
+    fixed = [k for k in differing if (k.split(".", 1)[0] in _MODEL_SECTIONS or k in _MODEL_KEYS) and k not in _FREE_KEYS]
+    if fixed:
+        shown = ", ".join(f"{k} ({saved[k]!r} in the checkpoint, {now[k]!r} now)" for k in fixed[:4])
+        more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""
+        raise CheckpointError(
+            f"cannot resume from {ckpt.folder}: the model config differs in {shown}{more}; "
+            f"pass the same settings (e.g. --config {ckpt.folder / 'config.json'}) or train into a new --out"
+        )
+    if ckpt.epochs_done >= config.total_epochs:
+        raise CheckpointError(
+            f"checkpoint {ckpt.folder} has already done {ckpt.epochs_done} of {config.total_epochs} epochs; "
+            "raise train.main_epochs (or fine_tune_epochs) to continue training"
+        )
+    if differing:
         logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
-    load_weights(folder, model, device)
-    load_optimizer(folder, optimizer, device)
-    return int(meta.get("epochs_done", 0)), int(meta.get("step", 0))
+    return ckpt
+
+
+def _resume(ckpt: Checkpoint, model, optimizer, device, teacher_dim: int) -> tuple[int, int]:
+    if ckpt.teacher_dim != teacher_dim:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.folder}: it was trained on {ckpt.teacher_dim}-D teacher embeddings, "
+            f"this teacher gives {teacher_dim}-D"
+        )
+    load_weights(ckpt, model, device)
+    load_optimizer(ckpt, optimizer, device)
+    return ckpt.epochs_done, ckpt.step
 
 
 def _log_epoch(metrics: dict[str, Any], phase: str, total: int) -> None:

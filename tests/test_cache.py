@@ -384,3 +384,38 @@ def test_cli_entry_point_subprocess(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: data.cache_dtype")
+
+
+# --------------------------------------------------------------------------- issue 14
+
+
+def test_bytes_on_disk_is_measured_when_every_lookup_hits(tmp_path: Path, tiny_dir: str) -> None:
+    teacher = tiny_teacher(tiny_dir)
+    texts = sentences(30)
+    embed_with_cache(teacher, texts, EmbeddingCache(tmp_path))
+    warm = EmbeddingCache(tmp_path)
+    embed_with_cache(teacher, texts, warm)
+    assert warm.stats.hit_rate == 1.0 and warm.stats.computed == 0
+    on_disk = sum(p.stat().st_size for p in shard_files(tmp_path))
+    assert on_disk > 0 and warm.stats.as_metrics()["cache_bytes_on_disk"] == on_disk
+
+
+def test_a_user_corpus_embeds_only_its_own_sentences_and_the_bank_file(tmp_path: Path, tiny_dir: str) -> None:
+    """The decode bank of a user corpus is its validation split + data.decode_bank, never the built-in corpus."""
+    from cnn3d import preset, with_overrides
+    from cnn3d.train import prepare_data
+
+    texts = sentences(60)
+    (tmp_path / "corpus.txt").write_text("\n".join(texts) + "\n")
+    extra = sentences(70)[60:]
+    (tmp_path / "bank.txt").write_text("\n".join(extra) + "\n")
+    config = with_overrides(preset("test"), {
+        "teacher.model": tiny_dir, "data.corpus": str(tmp_path / "corpus.txt"), "data.decode_bank": str(tmp_path / "bank.txt"),
+        "data.cache_dir": str(tmp_path / "cache"), "data.min_words": 1, "train.batch_size": 8,
+    })
+    data = prepare_data(config, torch.device("cpu"))
+    assert data.cache_metrics["cache_computed"] == 70  # the corpus and the bank file, nothing else
+    assert set(data.bank.texts) == set(data.val_texts) | set(extra)
+    again = prepare_data(config, torch.device("cpu"))
+    assert again.cache_metrics["cache_hit_rate"] == 1.0
+    assert again.cache_metrics["cache_bytes_on_disk"] == sum(p.stat().st_size for p in shard_files(tmp_path / "cache"))

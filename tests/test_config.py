@@ -146,7 +146,7 @@ SEED_PLAN_FIELDS = {
     "warmup_epochs": "train.warmup_epochs", "main_epochs": "train.main_epochs",
     "fine_tune_epochs": "train.fine_tune_epochs", "reconstruction_loss_weight": "loss.reconstruction",
     "similarity_loss_weight": "loss.cosine", "diversity_loss_weight": "loss.diversity",
-    "emergence_loss_weight": "loss.emergence", "use_curriculum_learning": "train.curriculum",
+    "emergence_loss_weight": "loss.sparsity", "use_curriculum_learning": "train.curriculum",
     "curriculum_start_difficulty": "train.curriculum_start_difficulty",
     "curriculum_end_difficulty": "train.curriculum_end_difficulty", "embedding_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps", "test_lattice_dim": "lattice.size",
@@ -160,3 +160,43 @@ def test_every_seed_plan_setting_has_a_home():
         assert key in specs, plan_name
     # cube_embedding_dim is derived from the face, never stored twice
     assert preset("full").lattice.face_numbers == 37 * 37
+
+
+# --------------------------------------------------------------------------- NaN and infinities (issue 14)
+
+
+FLOAT_KEYS = [key for key, spec in field_specs().items() if spec.type is float]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
+def test_every_float_key_rejects_non_finite_values_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}=.* is not a finite number"):
+        with_overrides(Config(), {key: value})
+
+
+def test_nan_in_a_config_file_is_rejected_and_saved_configs_are_strict_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"loss": {"reconstruction": NaN}}')
+    with pytest.raises(ConfigError, match=r"loss\.reconstruction=nan is not a finite number"):
+        load_config(path)
+    (tmp_path / "c.yaml").write_text("moe:\n  gate_temperature: .nan\n")
+    with pytest.raises(ConfigError, match=r"moe\.gate_temperature=nan"):
+        load_config(tmp_path / "c.yaml")
+    saved = save_config(Config(), tmp_path / "ok.json").read_text()
+    json.loads(saved, parse_constant=lambda name: pytest.fail(f"bare {name} in config.json"))
+    with pytest.raises(ConfigError, match="is not an integer"):
+        with_overrides(Config(), {"lattice.size": float("nan")})
+
+
+def test_periodic_functional_radius_beyond_the_smallest_side_is_rejected():
+    ok = with_overrides(Config(), {"lattice.size": 3, "lattice.boundary": "periodic", "moe.functional_radius": 3})
+    assert ok.moe.functional_radius == 3
+    with pytest.raises(ConfigError, match=r"moe\.functional_radius=4 exceeds the smallest lattice side 3"):
+        with_overrides(Config(), {"lattice.size": 3, "lattice.boundary": "periodic", "moe.functional_radius": 4})
+    with pytest.raises(ConfigError, match="smallest lattice side 2"):
+        with_overrides(Config(), {"lattice.size": 6, "lattice.depth": 2, "lattice.boundary": "periodic",
+                                  "moe.functional_radius": 3})
+    # without the functional expert, or with zero padding, the radius is not used to wrap
+    with_overrides(Config(), {"lattice.size": 2, "lattice.boundary": "periodic", "moe.experts": "local,distant"})
+    with_overrides(Config(), {"lattice.size": 2, "moe.functional_radius": 5})

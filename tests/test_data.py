@@ -381,3 +381,14 @@ def test_curriculum_on_real_corpus_grows_with_epochs():
     rest = [s for s in corpus.train if s not in set(easiest)]
     mean = lambda xs: sum(len(s.split()) for s in xs) / len(xs)  # noqa: E731
     assert mean(easiest) < mean(rest)
+
+
+def test_one_curriculum_rule_with_a_minimum():
+    from cnn3d.data import curriculum_indices
+
+    diff = [0.9, 0.1, 0.5, 0.1, 0.7, 0.3]
+    assert curriculum_indices(diff, 0.5) == [1, 3, 5]
+    assert curriculum_indices(diff, 0.0, minimum=4) == [1, 2, 3, 5]  # the trainer keeps at least one batch
+    assert curriculum_indices(diff, 0.3, minimum=100) == list(range(6))
+    assert curriculum_indices([0.0] * 10, 0.3) == [0, 1, 2]
+    assert curriculum_subset(list("abcdef"), diff, 0.0, minimum=4) == ["b", "c", "d", "f"]

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from cnn3d.config import LossConfig
-from cnn3d.losses import cosine_loss, diversity_loss, emergence_loss, reconstruction_loss, total_loss, triplet_loss
+from cnn3d.config import Config, with_overrides
+from cnn3d.losses import (
+    cosine_loss, diversity_loss, load_balance_loss, reconstruction_loss, sparsity_loss, total_loss, triplet_loss,
+)
 
 
 def test_reconstruction_is_mse():
@@ -27,13 +30,30 @@ def test_diversity_penalises_collapse_and_is_zero_at_perfect_reconstruction():
     assert diversity_loss(spread, target).item() == 0.0
 
 
-def test_emergence_balance_term():
+def test_load_balance_and_sparsity_terms():
     uniform = torch.full((2, 3, 2, 2, 2), 1 / 3)
-    assert emergence_loss(torch.tensor(0.0), uniform).item() == pytest.approx(0.0, abs=1e-6)
+    assert load_balance_loss(uniform).item() == pytest.approx(0.0, abs=1e-6)
     one_expert = torch.zeros(2, 3, 2, 2, 2)
     one_expert[:, 0] = 1.0
-    assert emergence_loss(torch.tensor(0.0), one_expert).item() == pytest.approx(2.0)  # 3 * 1 - 1
-    assert emergence_loss(torch.tensor(0.5), uniform).item() == pytest.approx(0.5)
+    assert load_balance_loss(one_expert).item() == pytest.approx(2.0)  # 3 * 1 - 1
+    assert sparsity_loss(torch.tensor(0.5)).item() == pytest.approx(0.5)
+
+
+def test_load_balance_switches_off_alone():
+    """With load_balance=0 a one-expert gate costs nothing while sparsity still counts."""
+    one_expert = torch.zeros(2, 3, 2, 2, 2)
+    one_expert[:, 0] = 1.0
+    weights = LossConfig(reconstruction=0.0, cosine=0.0, diversity=0.0, sparsity=1.0, load_balance=0.0)
+    total, parts = total_loss(weights, torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor(0.25), one_expert)
+    assert set(parts) == {"loss_sparsity"}
+    assert total.item() == pytest.approx(0.25)
+
+
+def test_deprecated_emergence_key_sets_both_new_weights():
+    config = with_overrides(Config(), {"loss.emergence": 0.05})
+    assert (config.loss.sparsity, config.loss.load_balance) == (0.05, 0.05)
+    explicit = with_overrides(Config(), {"loss.emergence": 0.05, "loss.load_balance": 0.0})
+    assert (explicit.loss.sparsity, explicit.loss.load_balance) == (0.05, 0.0)
 
 
 def test_triplet_zero_when_student_matches_well_separated_teacher_and_positive_when_inverted():
@@ -46,7 +66,7 @@ def test_triplet_zero_when_student_matches_well_separated_teacher_and_positive_w
 
 
 def test_total_loss_weights_and_skips_zero_terms():
-    weights = LossConfig(reconstruction=2.0, cosine=0.0, diversity=0.0, emergence=0.0, triplet=0.0)
+    weights = LossConfig(reconstruction=2.0, cosine=0.0, diversity=0.0, sparsity=0.0, load_balance=0.0, triplet=0.0)
     pred, target = torch.zeros(3, 4), torch.ones(3, 4)
     gates = torch.full((3, 2, 1, 1, 1), 0.5)
     total, parts = total_loss(weights, pred, target, torch.tensor(0.0), gates)

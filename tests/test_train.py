@@ -33,7 +33,7 @@ def test_overfits_a_few_dozen_sentences_end_to_end(warm_cache):
     """
     config = with_overrides(preset("test"), {
         "data.cache_dir": str(warm_cache), "data.max_sentences": 30, "train.batch_size": 30, "train.main_epochs": 120, "train.lr": 1e-2,
-        "train.eval_every": 120, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.emergence": 0.0,
+        "train.eval_every": 120, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.sparsity": 0.0, "loss.load_balance": 0.0,
     })
     data = prepare_data(config, torch.device("cpu"))
     texts, vectors = data.train_texts + data.val_texts, torch.cat([data.train, data.val])
@@ -179,3 +179,29 @@ def test_train_cli_bad_input_is_one_line_exit_2(args, message):
 def test_decode_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     proc = _cli("cnn3d-decode", "--checkpoint", str(tmp_path), "hello there")
     assert proc.returncode == 2 and "not a cnn3d checkpoint" in proc.stderr
+
+
+def test_curriculum_epochs_follow_the_data_rule_and_flush_denormal_is_restored(tiny):
+    """One curriculum rule (cnn3d.data.curriculum_indices); train() leaves torch's denormal mode as it found it."""
+    from cnn3d.data import curriculum_fraction, curriculum_indices
+    from cnn3d.train import _flush_denormal_enabled
+
+    config, data = tiny
+    config = with_overrides(config, {"train.curriculum": True, "train.curriculum_start_difficulty": 0.2,
+                                     "train.main_epochs": 1, "train.batch_size": 40})
+    for epoch, epochs in ((0, 3), (1, 3), (2, 3)):
+        fraction = curriculum_fraction(epoch, epochs, 0.2, 1.0)
+        with_epochs = with_overrides(config, {"train.main_epochs": epochs})
+        assert epoch_texts(data, with_epochs, "main", epoch).tolist() == curriculum_indices(
+            data.difficulty.tolist(), fraction, minimum=40)
+    torch.set_flush_denormal(False)
+    train(config, data=data, progress=False)
+    assert not _flush_denormal_enabled()
+
+
+def test_the_model_takes_training_settings_explicitly(tiny):
+    config, data = tiny
+    a = build_model(config, data.teacher_dim, seed=3, gradient_checkpointing=True)
+    b = build_model(with_overrides(config, {"train.seed": 3}), data.teacher_dim)
+    assert a.checkpointing and not b.checkpointing
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

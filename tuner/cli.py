@@ -63,6 +63,7 @@ def tune_cli(spec_path, params, assignments, objectives, trials, timeout, worker
     from .run import ConfigurationTuner  # import first: mlflow sets up its own logger on import
 
     setup_logging(log_level)
+    logging.captureWarnings(True)  # Python warnings as timestamped log lines (workers do the same)
 
     spec = _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sampler, pruner, trials, timeout,
                           workers, seeds, storage, tracking_uri, report)
@@ -82,6 +83,8 @@ def tune_cli(spec_path, params, assignments, objectives, trials, timeout, worker
                f"http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs")
     if summary.report_path:
         click.echo(f"report: {summary.report_path}")
+    if summary.failed_now and not summary.finished_now:
+        fail(f"every trial of this run failed ({summary.failed_now}); most common reason: {summary.fail_reason}", 1)
 
 
 def tune_main() -> None:

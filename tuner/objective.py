@@ -1,13 +1,15 @@
 """One Optuna trial = one ``cnn3d.train`` run, tracked as a child MLflow run.
 
 The trainer's epoch callback feeds both Optuna (``trial.report`` / pruning, single
-objective only) and MLflow (every metric with ``step=epoch``). The MLflow run ends
+objective only) and MLflow through the ``cnn3d.tracking.MetricLogger`` interface (every metric
+with ``step=epoch``); MLflow is the one store of per-epoch metrics and decoded examples. The MLflow run ends
 in the state matching the Optuna trial: FINISHED for complete and pruned trials,
 FAILED for errors, KILLED for Ctrl-C.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -17,16 +19,18 @@ import optuna
 import torch
 
 from cnn3d.config import ConfigError, flatten, with_overrides
+from cnn3d.tracking import MetricLogger
 from cnn3d.train import EpochReport, TrainingData, prepare_data, train
 
 from .space import ParamSpace, suggest
 from .spec import Objective
-from .tracking import StudyTracker
+from .tracking import EXAMPLES_ARTIFACT, SNAPSHOT_ARTIFACT, MlflowRunLogger, StudyTracker
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_MAX_SIDE = 16  # the report's 3D lattice view is downsampled to at most 16 cells a side
 DATA_KEYS = ("teacher.", "data.")  # config sections that decide the training data
+DATA_MEMO = 4  # prepared datasets a worker keeps (the teacher itself is memoised by cnn3d.teacher)
 
 
 class TrialRunner:
@@ -70,7 +74,9 @@ class TrialRunner:
             n = len(data.train_texts) + len(data.val_texts)
             return replace(data, cache_metrics={**data.cache_metrics, "cache_hit_rate": 1.0, "cache_hits": float(n),
                                                 "cache_misses": 0.0, "cache_computed": 0.0})
-        self._data = {key: prepare_data(config, self.device)}  # keep one: configs rarely alternate
+        if len(self._data) >= DATA_MEMO:  # a seed sweep alternates a few keys: keep the latest few
+            self._data.pop(next(iter(self._data)))
+        self._data[key] = prepare_data(config, self.device)
         return self._data[key]
 
     # -- the objective
@@ -86,45 +92,45 @@ class TrialRunner:
             tags["cnn3d.retry_of"] = str(retry_of)
         start = time.perf_counter()
         run_id = self.tracker.start_trial(self.parent_run_id, trial.number, flat, tags)
+        metrics_log = MlflowRunLogger(self.tracker.client, run_id)  # the one store of per-epoch metrics
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
         self.overhead_seconds += time.perf_counter() - start
-        history: list[dict[str, float]] = []
         try:
             config = self.trial_config(values)
             trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()})
             with self.tracker.system_metrics_for(run_id):
                 train_start = time.perf_counter()
-                result = train(config, device=self.device, callbacks=[self._epoch_callback(trial, run_id, history)],
+                result = train(config, device=self.device, callbacks=[self._epoch_callback(trial, metrics_log)],
                                progress=False, data=self.data_for(config))
                 trial.set_user_attr("train_seconds", time.perf_counter() - train_start)
             values = [result.metrics[o.metric] for o in self.objectives]
-            self._finish(trial, run_id, "COMPLETE", history, result.metrics, result.examples,
+            self._finish(trial, metrics_log, "COMPLETE", result.metrics, result.examples,
                          snapshot=lattice_snapshot(result.model, self.data_for(config), self.device))
             return values[0] if len(values) == 1 else values
         except optuna.TrialPruned:
-            self._finish(trial, run_id, "PRUNED", history)
+            self._finish(trial, metrics_log, "PRUNED")
             raise
         except KeyboardInterrupt:
-            self._finish(trial, run_id, "FAIL", history, reason="interrupted (Ctrl-C)", status="KILLED")
+            self._finish(trial, metrics_log, "FAIL", reason="interrupted (Ctrl-C)", status="KILLED")
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             logger.warning("trial %d failed: %s", trial.number, reason)
-            self._finish(trial, run_id, "FAIL", history, reason=reason)
+            self._finish(trial, metrics_log, "FAIL", reason=reason)
             raise
 
-    def _epoch_callback(self, trial: optuna.Trial, run_id: str, history: list):
+    def _epoch_callback(self, trial: optuna.Trial, metrics_log: MetricLogger):
         single = len(self.objectives) == 1
 
         def on_epoch(report: EpochReport) -> None:
             start = time.perf_counter()
-            history.append(report.metrics)
-            self.tracker.log_epoch(run_id, report.epoch, report.metrics, int(time.time() * 1000))
+            metrics_log.log_metrics(report.metrics, report.epoch)
             metric = self.objectives[0].metric
             if single and metric in report.metrics:
                 trial.report(report.metrics[metric], report.epoch)
-                if trial.should_prune():
+                # a trial that did all its epochs is complete: pruning it now would only discard paid work
+                if report.epoch < report.total_epochs and trial.should_prune():
                     trial.set_user_attr("pruned_at_epoch", report.epoch)
                     self.overhead_seconds += time.perf_counter() - start
                     raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")
@@ -132,17 +138,13 @@ class TrialRunner:
 
         return on_epoch
 
-    def _finish(self, trial, run_id, state, history, metrics=None, examples=None, reason=None, status=None,
-                snapshot=None) -> None:
+    def _finish(self, trial, metrics_log: MlflowRunLogger, state, metrics=None, examples=None, reason=None,
+                status=None, snapshot=None) -> None:
+        """Optuna keeps what Optuna and the summary need (final metrics, fail reason); MLflow keeps the
+        per-epoch metrics (logged as they came), the examples, the lattice snapshot and the config."""
         start = time.perf_counter()
-        trial.set_user_attr("history", history)
         if metrics is not None:
             trial.set_user_attr("metrics", metrics)
-        if examples:
-            trial.set_user_attr("examples", examples)
-            self.tracker.log_json(run_id, examples, "decoded_examples.json")
-        if snapshot is not None:
-            trial.set_user_attr("lattice_snapshot", snapshot)
         if reason:
             trial.set_user_attr("fail_reason", reason)
         tags: dict[str, Any] = {"cnn3d.optuna_state": state}
@@ -151,11 +153,15 @@ class TrialRunner:
         if reason:
             tags["cnn3d.fail_reason"] = reason[:500]
         try:
-            self.tracker.log_json(run_id, trial.user_attrs["config"], "config.json")
-            self.tracker.set_tags(run_id, tags)
-            self.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+            if examples:
+                metrics_log.log_text(json.dumps(examples, indent=2, default=str), EXAMPLES_ARTIFACT)
+            if snapshot is not None:
+                metrics_log.log_text(json.dumps(snapshot), SNAPSHOT_ARTIFACT)
+            metrics_log.log_text(json.dumps(trial.user_attrs["config"], indent=2, default=str), "config.json")
+            self.tracker.set_tags(metrics_log.run_id, tags)
+            metrics_log.finish(status or ("FAILED" if state == "FAIL" else "FINISHED"))
         except Exception as exc:  # noqa: BLE001 - never hide the trial's own outcome behind a tracking error
-            logger.warning("could not finish MLflow run %s: %s", run_id, exc)
+            logger.warning("could not finish MLflow run %s: %s", metrics_log.run_id, exc)
         self.overhead_seconds += time.perf_counter() - start
 
 
@@ -163,7 +169,7 @@ class TrialRunner:
 def lattice_snapshot(model, data: TrainingData, device: torch.device) -> dict[str, Any]:
     """Per-cell activation (mean |state|) and dominant expert for the first validation sentence.
 
-    Downsampled by average pooling to at most ``SNAPSHOT_MAX_SIDE`` cells a side so it fits in trial attrs.
+    Downsampled by average pooling to at most ``SNAPSHOT_MAX_SIDE`` cells a side (a small MLflow artifact).
     """
     model.eval()
     out = model(data.val[:1].to(device))

@@ -31,6 +31,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .report_data import (
+    EMERGENCE_METRICS,
     BestTrial,
     EffectPanel,
     Importance,
@@ -47,7 +48,9 @@ DEFAULT_REPORT_DIR = Path("studies/reports")
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#8c8c8c", "FAIL": "#d62728", "RUNNING": "#9467bd", "WAITING": "#bcbd22"}
 MEAN_COLOR = "#d62728"
-BASELINE_STYLE = {"PCA baseline": ("#2ca02c", "dash"), "mean-vector baseline": ("#ff7f0e", "dot")}
+BASELINE_STYLE = {"PCA baseline": ("#2ca02c", "dash"), "mean-vector baseline": ("#ff7f0e", "dot"),
+                  "untrained cube": ("#8c564b", "dash"), "shuffled control": ("#7f7f7f", "dot")}
+NULL_BAND = "rgba(127, 127, 127, 0.15)"  # shaded between an emergence metric's two nulls
 SERIES_COLORS = ["#9467bd", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#1f77b4"]
 PANEL_COLUMNS = 4
 
@@ -112,6 +115,8 @@ def build_sections(data: ReportData) -> list[Section]:
     builders = [(_effects_section, "effects", "Parameter effects"), (_importance_section, "importance", "Importance"),
                 (_progress_section, "progress", "Optimisation history"), (_best_section, "best", "Best trial"),
                 (_trials_section, "trials", "All trials")]
+    if any(k.startswith("cl_matrix/") for t in data.complete for k in t.metrics):  # a study over data.domains
+        builders.insert(4, (_continual_section, "continual", "Continual learning"))
     sections = []
     for build, anchor, title in builders:
         try:
@@ -299,7 +304,10 @@ def _effects_section(data: ReportData) -> Section:
         "trials at their last epoch (on the quality panels only, unless no trial completed). Where a value was run with several seeds, the red line is the mean and its "
         "bars one standard deviation: an effect is believable when the means move by more than the bars "
         "(the panel title gives that ratio as <i>effect/noise</i>). Dashed lines are the in-run baselines "
-        "(PCA through the same face size, and predicting the mean vector)."))
+        "(PCA through the same face size, and predicting the mean vector). On the emergence panels the two nulls "
+        "measured in the same run are drawn instead, with the band between them shaded: the untrained cube "
+        "(same seed, initial weights) and a shuffled control (see docs/emergence.md); a value inside or below "
+        "the band is nothing the nulls do not show too."))
     if not data.effects:
         section.items.append(Note("No tuned parameter to show."))
     for effect in data.effects:
@@ -383,8 +391,10 @@ def _panel_traces(effect: ParamEffect, panel: EffectPanel, legend_seen: set[str]
         if len(points) == 1 or max(ys) - min(ys) < 1e-9:
             xs = _span(effect, panel, xs)
             ys = [ys[0]] * len(xs)
+        band = panel.role == "emergence" and name == "shuffled control" and "untrained cube" in panel.baselines
         traces.append(go.Scatter(x=xs, y=ys, mode="lines", line={"color": color, "dash": dash, "width": 1.5},
                                  name=name, legendgroup=name, showlegend=_first(name, legend_seen),
+                                 fill="tonexty" if band else None, fillcolor=NULL_BAND if band else None,
                                  hovertemplate=f"{name}: %{{y:.4g}}<extra></extra>"))
     return traces
 
@@ -612,6 +622,8 @@ def _best_section(data: ReportData) -> Section:
         section.items.append(Note("No complete trial, so there is no best trial to show."))
         return section
     section.items.append(Html(_best_metrics_table(best)))
+    if any(f"{name}_excess" in best.metrics for name in EMERGENCE_METRICS):
+        section.items.append(Html(emergence_table(best.metrics)))
     if best.note:
         section.items.append(Note(best.note))
     if best.examples:
@@ -635,6 +647,22 @@ def _best_metrics_table(best: BestTrial) -> str:
         return "<p class=\"note\">The best trial stored no final metrics.</p>"
     body = "".join(f"<tr><td>{html.escape(k)}</td><td class=\"num\">{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table><tr><th>final metric</th><th>value</th></tr>{body}</table>"
+
+
+def emergence_table(metrics: dict[str, float]) -> str:
+    """Every emergence metric beside its two nulls, the excess ± bootstrap std and a plain verdict."""
+    rows = []
+    for name in EMERGENCE_METRICS:
+        if f"{name}_excess" not in metrics:
+            continue
+        ex, sd = metrics[f"{name}_excess"], metrics.get(f"{name}_excess_std", 0.0)
+        verdict = "beyond both nulls" if ex > 2 * sd and ex > 0 else "indistinguishable from its nulls"
+        cells = [label(name), _fmt(metrics.get(name)), _fmt(metrics.get(f"{name}_null_untrained")),
+                 _fmt(metrics.get(f"{name}_null_shuffled")), f"{ex:+.4g} ± {sd:.2g}", verdict]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("emergence metric", "trained", "untrained cube", "shuffled control",
+                                              "excess ± std", "verdict (excess > 2 std)"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def examples_table(examples: list[dict[str, Any]]) -> str:
@@ -845,3 +873,72 @@ def _chromium(binary: str, tmp: str, args: list[str], timeout: float) -> str:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"chromium exited with {done.returncode}: {tail[0]}")
     return done.stdout
+
+
+# --------------------------------------------------------------------------- continual learning (issue 12)
+
+
+def _continual_section(data: ReportData) -> Section:
+    section = Section("continual", "Continual learning: the forgetting matrix", intro=(
+        "Runs over <code>data.domains</code> score every domain's validation split after every stage. "
+        "The heatmap is the best trial's stage &times; domain matrix of mean cosine to the teacher, each cell beside "
+        "that domain's PCA ceiling; <em>forgetting</em> is the mean drop of earlier domains from their best."))
+    trial = _continual_trial(data)
+    if trial is None:
+        section.items.append(Note("No complete trial holds a forgetting matrix."))
+        return section
+    section.items.append(continual_heatmap(trial.metrics, f"trial {trial.number}"))
+    tuned = [p.key for p in data.params]
+    points = [t for t in data.complete if "forgetting" in t.metrics]
+    if tuned and len(points) >= 2:
+        section.items.append(forgetting_figure(points, tuned))
+    else:
+        section.items.append(Note("Forgetting against a tuned parameter needs a tuned parameter and two complete "
+                                  "trials over data.domains."))
+    return section
+
+
+def _continual_trial(data: ReportData):
+    """The best trial if it holds a matrix, else the complete trial with the highest avg_final_cosine."""
+    if data.best is not None and any(k.startswith("cl_matrix/") for k in data.best.metrics):
+        return next((t for t in data.complete if t.number == data.best.number), None)
+    scored = [t for t in data.complete if "avg_final_cosine" in t.metrics]
+    return max(scored, key=lambda t: t.metrics["avg_final_cosine"]) if scored else None
+
+
+def continual_heatmap(metrics: dict[str, float], title: str) -> go.Figure:
+    """Stage x domain heatmap of ``cl_matrix/<stage>/<domain>``, cells annotated with the PCA ceiling."""
+    stages: list[str] = []
+    domains: list[str] = []
+    for key in metrics:
+        if key.startswith("cl_matrix/"):
+            _, stage, domain = key.split("/", 2)
+            stages += [stage] if stage not in stages else []
+            domains += [domain] if domain not in domains else []
+    z = [[metrics.get(f"cl_matrix/{s}/{d}") for d in domains] for s in stages]
+    text = [[f"{v:.3f}<br>pca {metrics.get(f'cl_pca/{d}', float('nan')):.3f}" if v is not None else ""
+             for v, d in zip(row, domains)] for row in z]
+    fig = go.Figure(go.Heatmap(z=z, x=domains, y=[f"after stage {s}" for s in stages], text=text,
+                               texttemplate="%{text}", colorscale="Viridis", colorbar={"title": "cosine"},
+                               hovertemplate="%{y}, %{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Validation cosine per domain after each stage ({title}); "
+                            f"forgetting {metrics.get('forgetting', float('nan')):.4f}, "
+                            f"avg final {metrics.get('avg_final_cosine', float('nan')):.4f}",
+                      yaxis={"autorange": "reversed"}, height=160 + 60 * len(stages), margin={"t": 60})
+    return fig
+
+
+def forgetting_figure(trials: list, params: list[str]) -> go.Figure:
+    """Forgetting and average final cosine of every complete trial against each tuned parameter."""
+    fig = make_subplots(rows=2, cols=len(params), shared_xaxes="columns", horizontal_spacing=0.08,
+                        row_titles=["forgetting", "avg_final_cosine"], subplot_titles=params)
+    for col, key in enumerate(params, start=1):
+        pts = sorted((t for t in trials if key in t.params), key=lambda t: str(t.params[key]))
+        for row, metric in ((1, "forgetting"), (2, "avg_final_cosine")):
+            fig.add_trace(go.Scatter(
+                x=[t.params[key] for t in pts], y=[t.metrics.get(metric) for t in pts], mode="markers",
+                marker={"color": SERIES_COLORS[row - 1]}, name=metric, showlegend=col == 1,
+                text=[f"trial {t.number}" for t in pts], hovertemplate="%{text}: %{x} -> %{y:.4f}<extra></extra>"),
+                row=row, col=col)
+    fig.update_layout(title="Forgetting against the tuned parameters", height=520)
+    return fig

@@ -11,6 +11,8 @@ import click
 from cnn3d.cli import LOG_LEVELS, run_cli, setup_logging
 from cnn3d.errors import UserError
 
+from .stores import probe_server, redact, scheme_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,8 +34,12 @@ def report_cli(study, storage, tracking_uri, out, mlflow_ui, log_level) -> None:
 
     setup_logging(log_level)
     loaded = load_study(study, storage)
-    client = mlflow_client(tracking_uri or loaded.user_attrs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"))
-    path = write_report(loaded, out=out, mlflow_ui_base=mlflow_ui, mlflow_client=client)
+    client = mlflow_client(tracking_uri or _recorded_uri(loaded) or os.environ.get("MLFLOW_TRACKING_URI"))
+    try:
+        path = write_report(loaded, out=out, mlflow_ui_base=mlflow_ui, mlflow_client=client)
+    except OSError as exc:  # a read-only or missing place for --out: the study itself is untouched
+        raise UserError(f"cannot write the report to {exc.filename or out} ({exc.strerror or exc}); "
+                        "pass --out with a writable path") from None
     click.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser (works offline)")
 
 
@@ -50,8 +56,17 @@ def load_study(name: str, storage: str | None):
     names = sorted(optuna.get_all_study_names(storage=rdb))
     if name not in names:
         known = ", ".join(names) if names else "none"
-        raise UserError(f"no study named {name!r} in {url}; existing studies: {known}")
+        raise UserError(f"no study named {name!r} in {redact(url)}; existing studies: {known}")
     return optuna.load_study(study_name=name, storage=rdb)
+
+
+def _recorded_uri(study) -> str | None:
+    """The tracking URI the study recorded; a redacted one (its password was removed) cannot be used."""
+    uri = study.user_attrs.get("tracking_uri")
+    if uri and ":***@" in uri:
+        logger.warning("the study's tracking URI %s needs a password: pass --tracking-uri to read MLflow", uri)
+        return None
+    return uri
 
 
 def mlflow_client(uri: str | None):
@@ -63,9 +78,8 @@ def mlflow_client(uri: str | None):
         return None
     if uri.startswith("file:") or "://" not in uri:
         raise UserError(f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use sqlite:///PATH or http://HOST")
-    if uri.startswith("http"):  # a server that is down should cost seconds, not minutes of retries
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if scheme_of(uri) in ("http", "https"):
+        probe_server(uri)  # a server that is down costs seconds, not minutes of MLflow's retries
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

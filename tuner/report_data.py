@@ -11,6 +11,7 @@ render step (``tuner.report``) never has to guess and odd studies never crash it
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -25,13 +26,18 @@ import optuna.distributions as D
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from .stores import redact
+
 logger = logging.getLogger(__name__)
 
 BASELINES = {"baseline_pca_cosine": "PCA baseline", "baseline_mean_cosine": "mean-vector baseline"}
 BASELINE_METRICS = ("val_cosine",)  # metrics on the baselines' scale (cosine to the teacher)
 QUALITY_EXTRA = ("val_cosine", "decode_top1")  # quality panels shown beside the objectives
 COST_METRICS = ("throughput_samples_per_s", "peak_memory_mb")
-EMERGENCE_METRICS = ("effective_dim", "cell_specialization", "expert_usage_entropy")
+EMERGENCE_METRICS = ("effective_dim", "mutual_info_front_back", "cell_specialization", "expert_usage_entropy",
+                     "activation_sparsity", "rsa_teacher")
+# each emergence metric's nulls, measured in the same run (cnn3d.analysis): suffix -> name on the panel
+EMERGENCE_NULLS = {"_null_untrained": "untrained cube", "_null_shuffled": "shuffled control"}
 EXPERT_USAGE = "expert_usage"  # one panel; a trace per expert_usage_<name>
 CURVE_METRICS = ("val_cosine", "train_loss", "val_loss", "val_mse", "decode_top1")
 MLFLOW_HISTORY_KEYS = ("val_cosine", "train_loss", "val_mse", "throughput_samples_per_s", "peak_memory_mb",
@@ -48,6 +54,9 @@ LABELS = {
     "effective_dim": "effective dimensionality",
     "cell_specialization": "cell specialisation",
     "expert_usage_entropy": "expert usage entropy",
+    "mutual_info_front_back": "mutual information front-back (nats)",
+    "activation_sparsity": "activation sparsity",
+    "rsa_teacher": "RSA with the teacher",
     EXPERT_USAGE: "expert usage (share of cells)",
 }
 EVALUATORS = ("PED-ANOVA", "fANOVA")
@@ -277,10 +286,12 @@ class ReportData:
 def build_report_data(study: optuna.Study, mlflow_client: Any = None,
                       mlflow_ui_base: str = "http://127.0.0.1:5000", evaluators: tuple[str, ...] = EVALUATORS,
                       experiment_id: str | None = None) -> ReportData:
-    """Read ``study`` (and, for trials whose history never reached Optuna, their MLflow runs) into ``ReportData``.
+    """Read ``study`` and its trials' MLflow runs into ``ReportData``.
 
-    ``mlflow_client`` is optional: with it, trials without a ``history`` user attr (a worker died mid-trial)
-    get their per-epoch metrics from MLflow. ``evaluators`` names the importance evaluators to run.
+    MLflow is the one store of per-epoch metrics, decoded examples and the lattice snapshot: with
+    ``mlflow_client`` the report reads them from each trial's run (``mlflow_run_id``). Without it (or for
+    studies written before, which kept copies in user attrs) it falls back to what Optuna holds: user
+    attrs, else the intermediate values. ``evaluators`` names the importance evaluators to run.
     """
     attrs = study.user_attrs
     objectives = _objectives(study)
@@ -300,14 +311,14 @@ def build_report_data(study: optuna.Study, mlflow_client: Any = None,
         params=params, param_specs=list(attrs.get("params", [])), counts=counts,
         wall_seconds=(ended - started).total_seconds() if started and ended else None, started=started, ended=ended,
         trials=trials, best=None, pareto=[], effects=[], importances=[], top_pair=None,
-        curves=_curves(trials, objectives), tracking_uri=attrs.get("tracking_uri"),
+        curves=_curves(trials, objectives), tracking_uri=redact(attrs.get("tracking_uri") or "") or None,
         experiment_url=ui.experiment(), parent_run_url=ui.run(attrs.get("mlflow_parent_run_id")),
         notices=notices, directions=directions, frozen_trials=[_light_copy(t) for t in finished],
     )
     _study_notices(data)
     data.pareto, best_frozen = _best(study, frozen)
     if best_frozen is not None:
-        data.best = _best_trial(best_frozen, data, ui)
+        data.best = _best_trial(best_frozen, data, ui, mlflow_history)
     if len(params) > 1 and data.complete:
         data.importances = _importances(data, evaluators)
     data.effects = _effects(data)
@@ -403,6 +414,26 @@ class _MlflowHistory:
         return [per_epoch[e] for e in sorted(per_epoch)]
 
 
+    def artifact_json(self, run_id: str | None, name: str) -> Any:
+        """A JSON artifact of a run, or None (no client, no run, no such artifact)."""
+        if self.client is None or not run_id:
+            return None
+        import tempfile
+        from pathlib import Path
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return json.loads(Path(self.client.download_artifacts(run_id, name, tmp)).read_text())
+        except Exception as exc:  # noqa: BLE001 - a missing artifact is a note in the report, not a failure
+            logger.warning("could not read %s of MLflow run %s (%s)", name, run_id, _short(exc))
+            return None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -467,12 +498,15 @@ def _best(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[list[int], Fr
 # --------------------------------------------------------------------------- best trial
 
 
-def _best_trial(trial: FrozenTrial, data: ReportData, ui: _UiLinks) -> BestTrial:
+def _best_trial(trial: FrozenTrial, data: ReportData, ui: _UiLinks, mlflow: _MlflowHistory) -> BestTrial:
     attrs = trial.user_attrs
+    run_id = attrs.get("mlflow_run_id")
     diff, note = config_diff(attrs.get("config"), data.preset, [p.key for p in data.params], data.fixed)
-    lattice, lattice_note = _lattice(attrs.get("lattice_snapshot"))
+    # MLflow holds them (studies written before it did kept copies in user attrs)
+    lattice, lattice_note = _lattice(attrs.get("lattice_snapshot") or mlflow.artifact_json(run_id, "lattice_snapshot.json"))
     notes = [n for n in (note, lattice_note) if n]
-    examples = [e for e in attrs.get("examples") or [] if isinstance(e, dict)]
+    stored = attrs.get("examples") or mlflow.artifact_json(run_id, "decoded_examples.json") or []
+    examples = [e for e in stored if isinstance(e, dict)]
     if not examples:
         notes.append("The best trial stored no decoded examples.")
     return BestTrial(
@@ -647,6 +681,9 @@ def _panel(param: ParamInfo, trials: list[TrialRecord], metric: str, title: str,
     panel.effect_to_noise = _effect_to_noise(panel.groups)
     if metric in BASELINE_METRICS:
         panel.baselines = _baselines(param, [t for t in trials if t.state == "COMPLETE"] or trials)
+    elif metric in EMERGENCE_METRICS:
+        nulls = {metric + suffix: name for suffix, name in EMERGENCE_NULLS.items()}
+        panel.baselines = _baselines(param, [t for t in trials if t.state == "COMPLETE"] or trials, nulls)
     return panel
 
 
@@ -676,10 +713,11 @@ def _effect_to_noise(groups: list[GroupStat]) -> float | None:
     return spread / pooled
 
 
-def _baselines(param: ParamInfo, trials: list[TrialRecord]) -> dict[str, list[tuple[Any, float]]]:
-    """Per parameter value, the mean in-run baseline (they change when the face size does)."""
+def _baselines(param: ParamInfo, trials: list[TrialRecord],
+               names: dict[str, str] | None = None) -> dict[str, list[tuple[Any, float]]]:
+    """Per parameter value, the mean in-run baseline or null (``names``: metric key -> shown name)."""
     out = {}
-    for metric, name in BASELINES.items():
+    for metric, name in (names or BASELINES).items():
         buckets: dict[Any, list[float]] = {}
         for t in trials:
             if _is_number(t.metrics.get(metric)):

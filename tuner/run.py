@@ -12,6 +12,9 @@ grid points an interrupted run left queued.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import logging
 import math
 import multiprocessing as mp
@@ -28,16 +31,15 @@ import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from cnn3d.device import resolve_device
+from cnn3d.device import resolve_device, threads_per_worker
 from cnn3d.errors import UserError
 
 from .space import ParamSpace
 from .spec import Objective, StudySpec
+from .stores import check_separate_stores, check_sqlite_writable, check_tracking_uri, redact
 from .tracking import StudyTracker, resolve_tracking_uri, status_for_state, with_retries
 
 logger = logging.getLogger(__name__)
-# heartbeats and fail_stale_trials are marked experimental; we rely on them deliberately
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 DEFAULT_STORAGE = "sqlite:///studies/cnn3d.db"
 HEARTBEAT_INTERVAL = 5
@@ -55,10 +57,18 @@ def resolve_storage_url(url: str | None) -> str:
 
 def _prepare_sqlite(url: str) -> None:
     """Create the folder and switch the database to WAL (persistent), so readers never block the writer."""
-    path = Path(url[len("sqlite:///"):])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path, timeout=60) as conn:
+    check_sqlite_writable(url, "the study storage", "--storage")
+    with contextlib.closing(sqlite3.connect(Path(url[len("sqlite:///"):]), timeout=60)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
+
+
+def check_stores(storage_url: str, tracking_uri: str) -> None:
+    """Setup mistakes as one line before any work starts: a tracking URI MLflow cannot use or reach,
+    read-only SQLite paths, one database named for both stores."""
+    check_separate_stores(storage_url, tracking_uri)
+    check_tracking_uri(tracking_uri)
+    if storage_url.startswith("sqlite:///"):
+        _prepare_sqlite(storage_url)
 
 
 def make_storage(url: str, tracker_args: tuple[str, str] | None = None) -> RDBStorage:
@@ -69,13 +79,55 @@ def make_storage(url: str, tracker_args: tuple[str, str] | None = None) -> RDBSt
         engine_kwargs["connect_args"] = {"timeout": 120}
     elif "://" not in url:
         raise UserError(f"storage {url!r} is not a database URL; use sqlite:///PATH.db or postgresql://USER@HOST/DB")
-    callback = StaleTrialRetry(*tracker_args) if tracker_args else RetryHeartbeatStaleTrialCallback(max_retry=3)
+    callback = StaleTrialRetry(*tracker_args) if tracker_args else _quiet_experimental(RetryHeartbeatStaleTrialCallback)(max_retry=3)
     # workers starting together on a fresh database race to create Optuna's tables: retry
-    return with_retries(
-        lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                           grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=callback),
-        what=f"study storage {_redact(url)}", attempts=1 if _refused(url) else 6,
+    storage = with_retries(
+        lambda: _quiet_experimental(RDBStorage)(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+            heartbeat_stale_trial_callback=callback,
+        ),
+        what=f"study storage {redact(url)}", attempts=1 if _refused(url) else 6,
     )
+    if url.startswith("sqlite:///"):
+        _serialise_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _quiet_experimental(fn):
+    """``fn`` without Optuna's ExperimentalWarning: heartbeats and ``fail_stale_trials`` are marked
+    experimental and we rely on them deliberately (scoped to our calls, not a process-wide filter)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _serialise_sqlite_transactions(engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    Optuna claims a queued trial by reading it (``SELECT ... FOR UPDATE``) and then setting it RUNNING.
+    SQLite ignores ``FOR UPDATE``, and Python's sqlite3 driver opens a transaction only at the first
+    write, so the read ran outside any transaction: two processes both read WAITING and both ran the
+    trial. With the lock taken at ``BEGIN``, the second claimant waits and then reads RUNNING.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's, opens transactions
+        # WAL with NORMAL sync: one fsync per checkpoint instead of per commit; a crash loses nothing
+        # committed by a live process, a power cut at most the last commits (never corrupts the file)
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while creating the tables lack the listener: drop them
 
 
 def _refused(url: str) -> bool:
@@ -93,20 +145,12 @@ def _refused(url: str) -> bool:
         return True
 
 
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
-    return url
-
-
 class StaleTrialRetry:
     """Heartbeat-stale trials (their worker died): end their MLflow run as FAILED, then queue a retry."""
 
     def __init__(self, tracking_uri: str, study_name: str):
         self.tracking_uri, self.study_name = tracking_uri, study_name
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+        self.retry = _quiet_experimental(RetryHeartbeatStaleTrialCallback)(max_retry=3)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -118,7 +162,27 @@ class StaleTrialRetry:
             except Exception as exc:  # noqa: BLE001
                 logger.warning("could not mark MLflow run %s of dead trial %d: %s", run_id, trial.number, exc)
         logger.warning("trial %d lost its worker; queued a retry", trial.number)
-        self.retry(study, trial)
+        # the retry is a new run: it must not carry the dead trial's MLflow run, reason or results
+        clean = copy.deepcopy(trial)
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in DEAD_TRIAL_ATTRS}
+        self.retry(study, clean)
+
+
+DEAD_TRIAL_ATTRS = ("mlflow_run_id", "fail_reason", "metrics", "train_seconds", "pruned_at_epoch")
+DEAD_WORKER_REASON = "worker died (no heartbeat for {} s)"
+
+
+def fail_dead_workers_trials(study: optuna.Study, storage: RDBStorage) -> None:
+    """Fail trials whose worker died, each with a ``fail_reason`` user attr, then queue their retries.
+
+    Optuna's ``fail_stale_trials`` marks them FAIL without a reason, and a FAIL trial's attrs can no
+    longer be set: the reason is written first, while the trial is still RUNNING. Finding stale trials
+    needs the storage's ``_get_stale_trial_ids`` (the same query ``fail_stale_trials`` runs).
+    """
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        with contextlib.suppress(Exception):  # another worker may fail it first
+            storage.set_trial_user_attr(trial_id, "fail_reason", DEAD_WORKER_REASON.format(GRACE_PERIOD))
+    _quiet_experimental(fail_stale_trials)(study)
 
 
 # --------------------------------------------------------------------------- samplers, pruners
@@ -213,6 +277,9 @@ class StudySummary:
     best: list[dict[str, Any]] = field(default_factory=list)  # best trial(s): number, values, params
     report_path: str | None = None
     seconds: float = 0.0
+    finished_now: int = 0  # complete or pruned in this invocation
+    failed_now: int = 0
+    fail_reason: str | None = None  # the most common fail reason of this invocation's failed trials
 
 
 # --------------------------------------------------------------------------- the tuner
@@ -239,8 +306,10 @@ class ConfigurationTuner:
     def run_study(self, spec: StudySpec) -> StudySummary:
         """Run (or resume) the study described by ``spec``; returns a summary once its budget is spent."""
         spec.validate()
+        check_stores(self.storage_url, self.tracking_uri)
         started = time.perf_counter()
         study, tracker, parent_id = self._open(spec)
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))}
         target = _count(study, FINISHED) + spec.trials
         spaces = spec.spaces()
         if len(spaces) == 1 and spec.sampler == "auto":
@@ -258,7 +327,7 @@ class ConfigurationTuner:
             reconcile_runs(study, tracker)
             tracker.set_status(parent_id, "KILLED")
             raise
-        summary = self._summarise(spec, study, tracker, parent_id, started)
+        summary = self._summarise(spec, study, tracker, parent_id, started, before)
         tracker.set_status(parent_id, "FINISHED")
         return summary
 
@@ -280,21 +349,26 @@ class ConfigurationTuner:
         study.set_user_attr("set", {k: str(v) for k, v in spec.set.items()})
         study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
         study.set_user_attr("mlflow_parent_run_id", parent_id)
-        study.set_user_attr("tracking_uri", self.tracking_uri)
+        study.set_user_attr("tracking_uri", redact(self.tracking_uri))  # shown by dashboards: never a password
         return study, tracker, parent_id
 
-    def _summarise(self, spec, study, tracker, parent_id, started) -> StudySummary:
+    def _summarise(self, spec, study, tracker, parent_id, started, before: set[int]) -> StudySummary:
         reconcile_runs(study, tracker)
         objectives = spec.parsed_objectives()
         best = best_trials(study, objectives)
         if best:
             top = study.trials[best[0]["number"]]
             tracker.log_best(parent_id, top.params, top.user_attrs.get("metrics", {}), top.number)
+        new = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
+        failed_now = [t for t in new if t.state == TrialState.FAIL]
+        reasons = [t.user_attrs.get("fail_reason", "no reason recorded") for t in failed_now]
         summary = StudySummary(
-            study_name=study.study_name, storage=self.storage_url, tracking_uri=self.tracking_uri,
+            study_name=study.study_name, storage=redact(self.storage_url), tracking_uri=redact(self.tracking_uri),
             experiment_id=tracker.experiment_id, parent_run_id=parent_id,
             finished=_count(study, (TrialState.COMPLETE,)), pruned=_count(study, (TrialState.PRUNED,)),
             failed=_count(study, (TrialState.FAIL,)), best=best, seconds=time.perf_counter() - started,
+            finished_now=sum(t.state in FINISHED for t in new), failed_now=len(failed_now),
+            fail_reason=max(set(reasons), key=reasons.count) if reasons else None,
         )
         if spec.report:
             try:
@@ -357,7 +431,9 @@ def write_study_report(study, tracker, parent_id) -> str | None:
 
 def _run_workers(args: tuple, workers: int) -> None:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_process, args=(*args, i), name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # the command's --log-level
+    procs = [ctx.Process(target=_worker_process, args=(*args, i), kwargs={"log_level": level},
+                         name=f"cnn3d-tune-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
     try:
@@ -372,8 +448,13 @@ def _run_workers(args: tuple, workers: int) -> None:
         logger.warning("%d worker(s) exited abnormally: %s", len(bad), ", ".join(f"{p.name}={p.exitcode}" for p in bad))
 
 
-def _worker_process(*args: Any) -> None:
-    """Entry point of a spawned worker: Ctrl-C ends it quietly (the trial is already marked)."""
+def _worker_process(*args: Any, log_level: str = "info") -> None:
+    """Entry point of a spawned worker: logs like the command (epoch lines, timestamped warnings on
+    stderr); Ctrl-C ends it quietly (the trial is already marked)."""
+    from cnn3d.cli import setup_logging
+
+    setup_logging(log_level if log_level in ("debug", "info", "warning", "error") else "info")
+    logging.captureWarnings(True)  # Python warnings as log lines, with a time, like everything else
     try:
         _worker(*args)
     except KeyboardInterrupt:
@@ -387,13 +468,12 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
 
     # Optuna logs every failed trial with a traceback; the objective logs one line with the reason instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    torch.set_num_threads(threads)
     name = spec.study_name()
     tracker = StudyTracker(tracking_uri, name)
     storage = make_storage(storage_url, (tracking_uri, name))
     objectives = spec.parsed_objectives()
     base = spec.base_config()
+    torch.set_num_threads(threads_per_worker(workers, base.train.num_threads))  # a share of the cores, set once
     device = resolve_device(device_name or base.train.device)
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=make_sampler(spec, spec.spaces(), base.train.seed + 1000 * index),
@@ -402,12 +482,14 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
     max_failures = max(5, spec.trials)
     failures_before = _count(study, (TrialState.FAIL,))
     while True:
-        fail_stale_trials(study)
+        fail_dead_workers_trials(study, storage)
         finished = _count(study, FINISHED)
         running = _count(study, (TrialState.RUNNING,))
-        waiting = _count(study, (TrialState.WAITING,))
+        waiting_trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        waiting = len(waiting_trials)
+        retries = sum("failed_trial" in t.system_attrs for t in waiting_trials)  # dead workers' trials
         failures = _count(study, (TrialState.FAIL,)) - failures_before
-        if finished >= target or failures >= max_failures or (deadline and time.time() > deadline):
+        if (finished >= target and not retries) or failures >= max_failures or (deadline and time.time() > deadline):
             break
         if waiting or finished + running < target:
             study.optimize(runner, n_trials=1, catch=(Exception,))
@@ -415,3 +497,6 @@ def _worker(spec: StudySpec, storage_url: str, tracking_uri: str, target: int, d
             time.sleep(1.0)
     if failures >= max_failures:
         logger.error("stopping: %d trials failed in this run (see their fail_reason)", failures)
+    if retries:
+        logger.warning("%d retried trial(s) of dead workers are still queued; run the same command to run them",
+                       retries)

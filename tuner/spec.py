@@ -17,12 +17,17 @@ import yaml
 
 from cnn3d.config import PRESETS, ConfigError, preset, with_overrides
 from cnn3d.errors import UserError
-from cnn3d.train import is_reported_metric
+from cnn3d.train import CONTINUAL_METRICS, is_reported_metric
 
 from .space import ParamSpace, parse_param
 
 SAMPLERS = ("auto", "tpe", "random", "grid", "gp", "cmaes")
 PRUNERS = ("auto", "median", "hyperband", "none")
+
+
+def is_continual_metric(name: str) -> bool:
+    """Metrics only runs over ``data.domains`` report (``cnn3d.continual``)."""
+    return name in CONTINUAL_METRICS or name.startswith("cl_")
 
 
 @dataclass(frozen=True)
@@ -118,9 +123,13 @@ class StudySpec:
         if len(objectives) > 1 and self.pruner in ("median", "hyperband"):
             raise UserError("pruning needs a single objective; use --pruner none with several objectives")
         try:
-            self.base_config()
+            config = self.base_config()
         except ConfigError as exc:
             raise UserError(f"set: {exc}") from None
+        continual = [o.metric for o in objectives if is_continual_metric(o.metric)]
+        if continual and len(config.data.domains) < 2 and "data.domains" not in {s.key for s in self.spaces()}:
+            raise UserError(f"objective {continual[0]} needs a sequence of domains; "
+                            "add --set data.domains=builtin:news,builtin:dialogue (or your corpora)")
         return self
 
 

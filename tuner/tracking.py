@@ -8,11 +8,9 @@ refuses the old ``file:`` store).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,12 +21,16 @@ from mlflow.tracking import MlflowClient
 
 from cnn3d.errors import UserError
 
+from .stores import redact, store_lock
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
 PARENT_ROLE = "study"
 TRIAL_ROLE = "trial"
 MAX_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+EXAMPLES_ARTIFACT = "decoded_examples.json"
+SNAPSHOT_ARTIFACT = "lattice_snapshot.json"
 
 
 def default_tracking_uri(root: Path = DEFAULT_TRACKING_DIR) -> str:
@@ -81,6 +83,19 @@ def with_retries(fn, what: str, attempts: int = 6, first_delay: float = 0.5):
             delay *= 2
 
 
+def open_tracking_client(uri: str) -> MlflowClient:
+    """A client whose store exists: the first process to open a fresh store creates its tables while
+    holding ``store_lock``, so processes starting together never race on MLflow's migrations."""
+
+    def ready() -> MlflowClient:
+        client = MlflowClient(tracking_uri=uri)  # a database store creates its tables here
+        client.search_experiments(max_results=1)
+        return client
+
+    with store_lock(uri):
+        return with_retries(ready, what=f"the MLflow tracking store {redact(uri)}")
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
@@ -92,10 +107,10 @@ class StudyTracker:
 
     def __init__(self, tracking_uri: str, study_name: str, system_metrics: bool = True):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = open_tracking_client(tracking_uri)
         self.study_name = study_name
         self.system_metrics = system_metrics
-        self.experiment_id = with_retries(self._experiment, what=f"the MLflow tracking store {tracking_uri}")
+        self.experiment_id = with_retries(self._experiment, what=f"the MLflow tracking store {redact(tracking_uri)}")
 
     # -- experiment and parent run
 
@@ -154,17 +169,6 @@ class StudyTracker:
             self.client.log_batch(run_id, params=params[i : i + MAX_BATCH])
         return run_id
 
-    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float], timestamp_ms: int) -> None:
-        batch = [Metric(k, float(v), timestamp_ms, epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
-
-    def log_json(self, run_id: str, data: Any, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(json.dumps(data, indent=2, default=str))
-            self.client.log_artifact(run_id, str(path))
-
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -216,6 +220,52 @@ class StudyTracker:
         if run_id:
             return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+
+
+class MlflowRunLogger:
+    """``cnn3d.tracking.MetricLogger`` over one MLflow run: the one store of per-epoch metrics and examples."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        batch = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(batch), MAX_BATCH):
+            self.client.log_batch(self.run_id, params=batch[i : i + MAX_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = _now_ms()
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+TRAIN_EXPERIMENT = "cnn3d-train"
+
+
+def mlflow_logger(uri: str, run_name: str, tags: dict[str, str]) -> MlflowRunLogger:
+    """Entry point of the ``cnn3d.loggers`` group: a new run for ``cnn3d-train`` in experiment ``cnn3d-train``."""
+    from .stores import check_tracking_uri
+
+    check_tracking_uri(uri)
+    client = open_tracking_client(uri)
+
+    def experiment() -> str:
+        found = client.get_experiment_by_name(TRAIN_EXPERIMENT)
+        return found.experiment_id if found else client.create_experiment(TRAIN_EXPERIMENT)
+
+    with store_lock(uri):
+        experiment_id = with_retries(experiment, what=f"the MLflow experiment {TRAIN_EXPERIMENT}")
+    run = client.create_run(experiment_id, run_name=run_name or None,
+                            tags={"cnn3d.git_commit": git_commit(), **tags})
+    return MlflowRunLogger(client, run.info.run_id)
 
 
 def _now_ms() -> int:

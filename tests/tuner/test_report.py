@@ -193,6 +193,31 @@ def test_baselines_follow_the_face_size(tmp_path):
     assert [x for x, _ in pca] == [4, 6, 8] and pca[0][1] < pca[1][1] < pca[2][1]
 
 
+def test_emergence_panels_carry_both_nulls_and_the_best_trial_a_verdict(tmp_path):
+    rng = random.Random(4)
+    study = new_study(tmp_path, "nulls", ["moe.gate_temperature"])
+    dist = D.FloatDistribution(0.05, 10.0, log=True)
+    for temperature in (0.1, 1.0, 5.0):
+        metrics = epoch_metrics(3, 0.5, rng)
+        metrics.update({
+            "cell_specialization": 0.3, "cell_specialization_null_untrained": temperature / 10,
+            "cell_specialization_null_shuffled": 0.2, "cell_specialization_excess": 0.3 - max(0.2, temperature / 10),
+            "cell_specialization_excess_std": 0.01, "effective_dim_null_untrained": 9.0,
+            "effective_dim_null_shuffled": 8.0, "effective_dim_excess": -1.0, "effective_dim_excess_std": 0.5,
+        })
+        add(study, TrialState.COMPLETE, {"moe.gate_temperature": temperature}, {"moe.gate_temperature": dist}, 0.5,
+            rng, metrics=metrics)
+    data = build_report_data(study)
+    panel = next(p for p in data.effects[0].panels if p.metric == "cell_specialization")
+    assert panel.role == "emergence"
+    assert panel.baselines["untrained cube"] == [(0.1, 0.01), (1.0, 0.1), (5.0, 0.5)]
+    assert panel.baselines["shuffled control"] == [(0.1, 0.2), (1.0, 0.2), (5.0, 0.2)]
+    page = render_report(data)
+    assert "beyond both nulls" in page  # cell specialisation: +0.1 +- 0.01 at the best trial
+    assert "indistinguishable from its nulls" in page  # effective dim: -1 +- 0.5
+    assert '"fill":"tonexty"' in page  # the band between the nulls
+
+
 def test_config_diff_against_the_preset():
     defaults = flatten(preset("test"))
     config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()},
@@ -389,10 +414,14 @@ def test_tuner_writes_and_attaches_the_report(real_study):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db")
     assert "test-transform.dropout.html" in [a.path for a in client.list_artifacts(summary.parent_run_id)]
-    data = build_report_data(optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp}/s.db"))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp}/s.db")
+    data = build_report_data(study, mlflow_client=client)
     groups = data.effects[0].panels[0].groups
     assert [g.n for g in groups] == [2, 2]  # two values, two seeds each
+    # MLflow is the one store of histories, examples and the lattice snapshot; Optuna keeps no copies
     assert data.best.lattice is not None and data.best.examples
+    assert all(len(t.history) == 1 for t in data.trials)
+    assert not any({"history", "examples", "lattice_snapshot"} & set(t.user_attrs) for t in study.trials)
 
 
 @pytest.mark.slow

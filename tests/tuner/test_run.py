@@ -224,6 +224,10 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, cache_dir):
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retried[0].params == failed[0].params
+    # the dead trial says why; its retry ran before the command ended, in its own MLflow run
+    assert failed[0].user_attrs.get("fail_reason", "").startswith("worker died"), failed[0].user_attrs
+    assert retried[0].user_attrs["mlflow_run_id"] != failed[0].user_attrs["mlflow_run_id"]
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("cnn3d/kill")
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])}

@@ -1,0 +1,125 @@
+"""The headline study, timed end to end: ``cnn3d-tune --param transform.dropout --trials N``.
+
+    python benchmarks/study.py --trials 4                          # this checkout
+    python benchmarks/study.py --trials 4 --cli /work/main/.venv/bin/cnn3d-tune --label main
+
+Runs the real CLI in a fresh folder under /tmp (its own SQLite study, MLflow store and
+report), then reads the timings back from the Optuna storage, so the same breakdown is
+available for any version of the code, instrumented or not:
+
+- start-up: process start to the first trial's start (imports, study, MLflow parent run);
+- data: per trial, ``train_seconds`` minus the epochs (corpus, teacher + cache, model build);
+- training / evaluation: per epoch, the training part is ``train_sentences / throughput``,
+  the rest of ``epoch_seconds`` is validation (only on validated epochs) and checkpoint-free
+  bookkeeping;
+- tracking: per trial, trial wall time minus ``train_seconds`` (MLflow/Optuna calls,
+  lattice snapshot);
+- report: last trial's end to process exit (summary, HTML report).
+
+The 50-trial figure is extrapolated as start-up + report + 50 x mean seconds per trial
+(the report grows slowly with the trial count; the extrapolation ignores that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def run_study(cli: str, trials: int, epochs: int, folder: Path, cache_dir: str, extra: list[str]) -> dict:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    storage = f"sqlite:///{folder}/study.db"
+    command = [cli, "--param", "transform.dropout", "--trials", str(trials), "--set", f"train.main_epochs={epochs}",
+               "--set", f"data.cache_dir={cache_dir}", "--storage", storage, "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
+               "--name", "bench", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.time()
+    proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"study failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    study = optuna.load_study(study_name="bench", storage=storage)
+    result = breakdown(study, started, ended)
+    # CPU seconds the study used (all its threads): on a shared machine, less sensitive to the load than wall time
+    result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
+
+
+def breakdown(study: optuna.Study, started: float, ended: float) -> dict:
+    done = [t for t in study.trials if t.datetime_complete is not None]
+    first = min(t.datetime_start.timestamp() for t in done)
+    last = max(t.datetime_complete.timestamp() for t in done)
+    per = {"data": 0.0, "training": 0.0, "evaluation": 0.0, "tracking": 0.0}
+    for t in done:
+        wall = (t.datetime_complete - t.datetime_start).total_seconds()
+        train_s = float(t.user_attrs.get("train_seconds", wall))
+        history = t.user_attrs.get("history", [])
+        epochs = sum(h["epoch_seconds"] for h in history)
+        training = sum(h["train_sentences"] / h["throughput_samples_per_s"] for h in history)
+        per["training"] += min(training, epochs)
+        per["evaluation"] += max(0.0, epochs - training)
+        per["data"] += max(0.0, train_s - epochs)
+        per["tracking"] += max(0.0, wall - train_s)
+    n = len(done)
+    result = {
+        "trials": n,
+        "states": sorted(t.state.name for t in done),
+        "wall_s": ended - started,
+        "startup_s": first - started,
+        "report_s": ended - last,
+        "per_trial_s": (last - first) / n,
+        **{f"{k}_per_trial_s": v / n for k, v in per.items()},
+    }
+    result["extrapolated_50_s"] = result["startup_s"] + result["report_s"] + 50 * result["per_trial_s"]
+    result["effects"] = {round(t.params.get("transform.dropout", float("nan")), 4): round(t.values[0], 4)
+                         for t in done if t.values}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cli", nargs="+", default=[str(Path(sys.executable).parent / "cnn3d-tune")],
+                        help="one or more cnn3d-tune executables, run in turn (alternating with --rounds)")
+    parser.add_argument("--label", nargs="+", default=None)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--cache-dir", default="/tmp/cnn3d-bench-cache")
+    parser.add_argument("--out", default="/tmp/cnn3d-study-bench")
+    parser.add_argument("--json", default=None, help="write every result here")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more cnn3d-tune arguments")
+    args = parser.parse_args()
+    labels = args.label or [f"cli{i}" for i in range(len(args.cli))]
+    results = []
+    for r in range(args.rounds):
+        for cli, label in zip(args.cli, labels):
+            row = run_study(cli, args.trials, args.epochs, Path(args.out) / f"{label}-{r}", args.cache_dir, args.extra)
+            row.update(label=label, round=r)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    keys = ["wall_s", "cpu_s", "startup_s", "per_trial_s", "data_per_trial_s", "training_per_trial_s",
+            "evaluation_per_trial_s", "tracking_per_trial_s", "report_s", "extrapolated_50_s"]
+    print(f"{'label':>8} " + " ".join(f"{k:>22}" for k in keys))
+    for row in results:
+        print(f"{row['label']:>8} " + " ".join(f"{row[k]:>22.1f}" for k in keys))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

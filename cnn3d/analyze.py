@@ -1,0 +1,251 @@
+"""``cnn3d-analyze``: everything about one trained checkpoint, beside its nulls, on one self-contained page.
+
+``analyze_checkpoint(folder) -> Analysis`` computes, for the trained cube and the untrained cube
+(same seed, initial weights):
+
+- the emergence metrics with both nulls, excess and bootstrap std (``cnn3d.analysis``);
+- information flow: effective dimension and a ridge probe's validation cosine to the teacher
+  embedding for every depth layer z, and for the back layer after every step; the light cone of a
+  one-cell perturbation of the front face (``cnn3d.flow``);
+- probing tasks: logistic probes for each label of the built-in probing set (and a user file) on
+  the teacher embedding (the ceiling), the front face, every depth layer, the back face and the
+  output, beside chance and a shuffled-label control (``cnn3d.probes``);
+- similarity matrices of the teacher and the student over a fixed validation sample, and RSA per layer;
+- decoding top-1 against bank size, beside the same decoding of the PCA-through-the-face reconstruction.
+
+``render_page(analysis) -> str`` draws it with plotly.js embedded once (no network needed).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import flow
+from . import metrics as M
+from .analysis import EMERGENCE_NAMES
+from .errors import UserError
+from .probes import (
+    ProbingSet,
+    builtin_probing_set,
+    chance_accuracy,
+    encode_labels,
+    probe_accuracy,
+    read_probing_file,
+)
+
+logger = logging.getLogger(__name__)
+
+RSM_SENTENCES = 40  # validation sentences in the similarity-matrix heatmaps
+RIDGE_TRAIN = 400  # train sentences the ridge probes are fitted on
+DEFAULT_DISTRACTORS = (1000,)
+
+
+@dataclass
+class Analysis:
+    """What the page shows; plain numbers and lists (JSON-able)."""
+
+    checkpoint: str
+    config: dict[str, Any]
+    emergence: dict[str, float]
+    layers: list[str]
+    effective_dim: dict[str, dict[str, float]]  # cube (trained | untrained) -> layer -> value
+    ridge_cosine: dict[str, dict[str, float]]
+    rsa: dict[str, dict[str, float]]
+    steps: dict[str, dict[str, list[float]]]  # cube -> {effective_dim, ridge_cosine} per step of the back layer
+    light_cone: dict[str, dict[str, list[float]]]  # cube -> {step, changed, one_cell_per_step}
+    probes: dict[str, dict[str, Any]]  # task -> {chance, teacher, shuffled_labels, trained: {layer: acc}, untrained}
+    rsm: dict[str, Any]  # texts, teacher, student (lists of lists)
+    decoding: dict[str, list[float]]  # bank_size, student, pca
+    probing_source: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+# --------------------------------------------------------------------------- computing
+
+
+def analyze_checkpoint(folder: str | Path, corpus: str | None = None, probing_file: str | Path | None = None,
+                       distractors: tuple[int, ...] = DEFAULT_DISTRACTORS, probe_sentences: int = 600,
+                       progress: bool = True, device: torch.device | None = None) -> Analysis:
+    """Analyse the checkpoint ``folder`` (a ``cnn3d-train --out`` folder); see the module docstring."""
+    from .checkpoint import load_weights, read_checkpoint_meta
+    from .config import flatten, with_overrides
+    from .model import build_model
+    from .train import EMERGENCE_SAMPLES, emergence_nulls, evaluate, prepare_data
+
+    started = time.perf_counter()
+    config, _ = read_checkpoint_meta(folder)  # UserError when the folder is not a checkpoint
+    probing = read_probing_file(probing_file) if probing_file else None  # fail on a bad file before heavy work
+    if corpus:
+        config = with_overrides(config, {"data.corpus": corpus})
+    device = device or torch.device("cpu")
+    bar = tqdm(total=8, desc="analysing", disable=not progress)
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    data = prepare_data(config, device)
+    cubes = {"trained": build_model(config, data.teacher_dim), "untrained": build_model(config, data.teacher_dim)}
+    load_weights(folder, cubes["trained"], device)
+    for model in cubes.values():
+        model.to(device).eval()
+    stage("emergence")
+    nulls = emergence_nulls(config, data, device, None)
+    metrics = evaluate(cubes["trained"], data, config, device, None, nulls)["metrics"]
+    emergence = {k: v for k, v in metrics.items() if k.split("_null")[0].split("_excess")[0] in EMERGENCE_NAMES}
+    emergence.update({k: metrics[k] for k in ("val_cosine", "baseline_pca_cosine", "baseline_mean_cosine")
+                      if k in metrics})
+
+    batch = config.train.batch_size
+    train_x, val_x = data.train[:RIDGE_TRAIN], data.val[:EMERGENCE_SAMPLES]
+    stage("layers")
+    reps = {name: (flow.layer_representations(m, train_x, batch, device), flow.layer_representations(m, val_x, batch, device))
+            for name, m in cubes.items()}
+    layers = list(reps["trained"][1])
+    eff = {c: flow.effective_dim_by_layer(reps[c][1], layers) for c in cubes}
+    ridge = {c: flow.ridge_by_layer(reps[c][0], reps[c][1], train_x, val_x, layers) for c in cubes}
+    rsa = {c: flow.rsa_by_layer(reps[c][1], val_x, layers) for c in cubes}
+    stage("steps")
+    steps = {}
+    for c, m in cubes.items():
+        tr, va = flow.last_layer_by_step(m, train_x, batch, device), flow.last_layer_by_step(m, val_x, batch, device)
+        steps[c] = {"effective_dim": [M.effective_dim(v) for v in va],
+                    "ridge_cosine": [flow.ridge_by_layer({"x": a}, {"x": b}, train_x, val_x, ["x"])["x"]
+                                     for a, b in zip(tr, va)]}
+    stage("light cone")
+    cone = {c: flow.light_cone(m, val_x[:1].to(device)) for c, m in cubes.items()}
+    stage("probes")
+    sets = [builtin_probing_set(probe_sentences)] + ([probing] if probing else [])
+    probes = {}
+    for pset in sets:
+        probes.update(_probe_tasks(pset, cubes, config, device, batch, prefix="" if pset is sets[0] else "file: "))
+    stage("similarity")
+    sample = val_x[:RSM_SENTENCES]
+    with torch.no_grad():
+        student = cubes["trained"](sample.to(device)).embedding.float().cpu()
+    rsm = {"texts": data.val_texts[:RSM_SENTENCES], "teacher": M.similarity_matrix(sample).tolist(),
+           "student": M.similarity_matrix(student).tolist()}
+    stage("decoding")
+    decoding = decoding_by_bank_size(cubes["trained"], data, config, device, distractors)
+    stage("done")
+    bar.close()
+    flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()}
+    return Analysis(str(folder), flat, emergence, layers, eff, ridge, rsa, steps, cone, probes, rsm, decoding,
+                    [s.source for s in sets], time.perf_counter() - started)
+
+
+def _probe_tasks(pset: ProbingSet, cubes: dict, config, device, batch: int, prefix: str) -> dict[str, dict]:
+    """Accuracy per task and layer for every cube, beside chance, the teacher and a shuffled-label control."""
+    from .cache import EmbeddingCache, embed_with_cache
+    from .teacher import load_teacher
+
+    teacher = load_teacher(config.teacher, device)
+    vectors = embed_with_cache(teacher, pset.texts, EmbeddingCache.from_config(config.data)).float().cpu()
+    reps = {c: flow.layer_representations(m, vectors, batch, device) for c, m in cubes.items()}
+    out = {}
+    for task, values in pset.labels.items():
+        labels, names = encode_labels(values)
+        if len(names) < 2:
+            continue
+        entry: dict[str, Any] = {
+            "classes": names,
+            "chance": chance_accuracy(labels[pset.train], labels[pset.test]),
+            "teacher": probe_accuracy(vectors, labels, pset.train, pset.test),
+            "shuffled_labels": probe_accuracy(vectors, labels, pset.train, pset.test, shuffle_seed=0),
+        }
+        for c in cubes:
+            entry[c] = {layer: probe_accuracy(x, labels, pset.train, pset.test) for layer, x in reps[c].items()}
+        out[prefix + task] = entry
+    return out
+
+
+@torch.no_grad()
+def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, ...]) -> dict[str, list[float]]:
+    """Decode top-1 of the student and of PCA-through-the-face against banks of growing size.
+
+    Bank = the validation sentences plus ``n`` distractors (synthetic sentences, then training
+    sentences), for ``n`` in ``(0, *distractors)``. The PCA reconstruction keeps
+    ``lattice.face_numbers`` components fitted on the train split: the linear ceiling of the face.
+    """
+    from .cache import EmbeddingCache, embed_with_cache
+    from .decode import build_bank
+    from .synthetic import generate_sentences
+    from .teacher import load_teacher
+
+    val = data.val
+    pred = torch.cat([model(val[i : i + 256].to(device)).embedding.float().cpu() for i in range(0, len(val), 256)])
+    k = config.lattice.face_numbers
+    mean = data.train.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd((data.train - mean).double(), full_matrices=False)
+    basis = v[: min(k, v.shape[0])].float()
+    pca = (val - mean) @ basis.T @ basis + mean
+    most = max((0, *distractors))
+    pool = [t for t, _ in generate_sentences(most, seed=12345)] if most else []
+    seen = set(data.val_texts)
+    pool = [t for t in pool + data.train_texts if t not in seen][:most]
+    vectors = (embed_with_cache(load_teacher(config.teacher, device), pool, EmbeddingCache.from_config(config.data))
+               .float().cpu() if pool else val.new_zeros(0, val.shape[1]))
+    out: dict[str, list[float]] = {"bank_size": [], "distractors": [], "student": [], "pca": []}
+    for n in sorted({0, *distractors}):
+        n = min(n, len(pool))
+        bank = build_bank(data.val_texts + pool[:n], torch.cat([val, vectors[:n]]))
+        out["bank_size"].append(float(len(bank)))
+        out["distractors"].append(float(n))
+        out["student"].append(bank.accuracy(pred, data.val_texts, k=1)[0])
+        out["pca"].append(bank.accuracy(pca, data.val_texts, k=1)[0])
+    return out
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def render_page(analysis: Analysis) -> str:
+    """One self-contained HTML page (plotly.js embedded once) with every view of ``analysis``."""
+    from .analysis_page import render
+
+    return render(analysis)
+
+
+def write_page(analysis: Analysis, out: str | Path) -> Path:
+    """Write the page atomically: a temporary file renamed into place, so a failure leaves nothing half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render_page(analysis)
+    fd, tmp = tempfile.mkstemp(prefix=".cnn3d-analyze-", suffix=".html", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def check_output_path(out: str | Path) -> Path:
+    """``--out`` must be a file path whose folder can be written; a one-line ``UserError`` otherwise."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file such as {out / 'analysis.html'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot write into {parent}")
+    return out
+
+
+def escape(text: Any) -> str:
+    return html.escape(str(text))

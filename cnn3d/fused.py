@@ -1,0 +1,216 @@
+"""The fused lattice step: the same maths as ``MoEProcessor.reference_step``, fewer passes over memory.
+
+The step is bound by elementwise passes over the state, not by FLOPs (BENCHMARKS.md,
+issue 13). Here the state lives in *rows* layout ``[B, D, H, W, C]`` (the memory of a
+channels-last ``[B, C, D, H, W]`` tensor, so the two are free views of each other) and:
+
+- every per-cell linear map that reads the state — the gate logits, the functional
+  expert's update gate and two attention scores, the functional ``out`` map and the
+  distant ``out`` map — is one matmul ``[B*N, C] @ [C, P]``. ``out`` maps may move
+  before the mixing because the mixing weights sum to 1 (softmax), so
+  ``W (sum_k a_k s_k) + b = sum_k a_k (W s_k + b)``;
+- the functional expert's neighbour mix reads shifted *views* of one padded buffer
+  (``RowsNeighbourMix``, hand-written backward into one padded gradient);
+- the distant links mix the projected partners with one matmul over the link axis;
+- the damped update is one ``lerp``.
+
+Parameters are the experts' own (``state_dict`` keys and shapes do not change); the
+concatenated weight is built at call time. ``tests/test_fused.py`` checks outputs and
+gradients against the straightforward formulation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .lattice import Offset
+
+# --------------------------------------------------------------------------- padding in rows layout
+
+
+def pad_rows(x: torch.Tensor, r: int, boundary: str) -> torch.Tensor:
+    """``[B, D, H, W, C] -> [B, D+2r, H+2r, W+2r, C]``: zeros, or wrapped copies for ``periodic``."""
+    if boundary != "periodic":
+        return F.pad(x, (0, 0, r, r, r, r, r, r))
+    for dim in (1, 2, 3):
+        n = x.shape[dim]
+        x = torch.cat([x.narrow(dim, n - r, r), x, x.narrow(dim, 0, r)], dim=dim)
+    return x
+
+
+def shifted(padded: torch.Tensor, offset: Offset, r: int, dims: tuple[int, int, int]) -> torch.Tensor:
+    """The view of a padded rows tensor holding, at cell p, the value at ``p + offset``."""
+    dz, dy, dx = offset
+    d, h, w = dims
+    return padded[:, r + dz : r + dz + d, r + dy : r + dy + h, r + dx : r + dx + w]
+
+
+class RowsNeighbourMix(torch.autograd.Function):
+    """``out[p] = sum_k weights[p, k] * padded[p + offsets[k]]`` over rows-layout tensors.
+
+    ``padded [B, D+2r, H+2r, W+2r, C]``, ``weights [B, D, H, W, K]`` -> ``[B, D, H, W, C]``.
+    The backward writes every shifted gradient into one padded buffer (autograd through K
+    slices would allocate and zero one per slice).
+    """
+
+    @staticmethod
+    def forward(ctx, padded, weights, offsets, r):
+        b, dp, hp, wp, c = padded.shape
+        dims = (dp - 2 * r, hp - 2 * r, wp - 2 * r)
+        out = torch.mul(shifted(padded, offsets[0], r, dims), weights[..., :1])
+        for k in range(1, len(offsets)):
+            out.addcmul_(shifted(padded, offsets[k], r, dims), weights[..., k : k + 1])
+        ctx.save_for_backward(padded, weights)
+        ctx.meta = (offsets, r, dims)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weights = ctx.saved_tensors
+        offsets, r, dims = ctx.meta
+        grad_out = grad_out.contiguous()
+        grad_weights = grad_padded = None
+        if ctx.needs_input_grad[1]:
+            # [B, D, H, W, K, C] would be K times the state; K dot products over C instead
+            grad_weights = torch.stack(
+                [torch.linalg.vecdot(shifted(padded, o, r, dims), grad_out) for o in offsets], dim=-1
+            )
+        if ctx.needs_input_grad[0]:
+            grad_padded = torch.zeros_like(padded)
+            for k, offset in enumerate(offsets):
+                shifted(grad_padded, offset, r, dims).addcmul_(grad_out, weights[..., k : k + 1])
+        return grad_padded, grad_weights, None, None
+
+
+class ShiftStack(torch.autograd.Function):
+    """``padded [B, D+2r, H+2r, W+2r] -> [B, D, H, W, K]``: a scalar map's value at each of K neighbours.
+
+    The backward adds the K shifted gradients into one padded buffer (autograd through K
+    slices would zero and fill one padded gradient per slice).
+    """
+
+    @staticmethod
+    def forward(ctx, padded, offsets, r):
+        b, dp, hp, wp = padded.shape
+        dims = (dp - 2 * r, hp - 2 * r, wp - 2 * r)
+        ctx.meta = (offsets, r, dims, padded.shape)
+        return torch.stack([shifted(padded, o, r, dims) for o in offsets], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        offsets, r, dims, shape = ctx.meta
+        grad_padded = grad.new_zeros(shape)
+        for k, offset in enumerate(offsets):
+            shifted(grad_padded, offset, r, dims).add_(grad[..., k])
+        return grad_padded, None, None
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _pointwise_weight(conv: torch.nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv.weight.flatten(1), conv.bias  # [out, in], [out]
+
+
+def projection(processor) -> tuple[torch.Tensor, torch.Tensor, list[str], list[int]]:
+    """The concatenated per-cell map of the state: weight ``[P, C]``, bias ``[P]``, part names and widths."""
+    parts: list[tuple[str, torch.Tensor, torch.Tensor]] = [("gate", *_pointwise_weight(processor.gate))]
+    experts = processor.experts
+    if "functional" in experts:
+        parts.append(("functional_gate_score", *_pointwise_weight(experts["functional"].gate_score)))
+        parts.append(("functional_value", *_pointwise_weight(experts["functional"].out)))
+    if "distant" in experts:
+        parts.append(("distant_value", *_pointwise_weight(experts["distant"].out)))
+    weight = torch.cat([w for _, w, _ in parts])
+    bias = torch.cat([b for _, _, b in parts])
+    return weight, bias, [name for name, _, _ in parts], [w.shape[0] for _, w, _ in parts]
+
+
+def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """``[..., E]`` gate logits -> weights summing to 1 over E (softmax, or renormalised top-k)."""
+    weights = (logits / temperature).softmax(dim=-1)
+    if top_k and top_k < weights.shape[-1]:
+        kth = weights.topk(top_k, dim=-1).values[..., -1:]
+        weights = weights * (weights >= kth)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights
+
+
+def _functional(expert, rows, gate_score, value) -> torch.Tensor:
+    """The functional expert on rows: ``gate_score [B, D, H, W, C+2]``, ``value [B, D, H, W, C]``."""
+    c = value.shape[-1]
+    dims = tuple(rows.shape[1:4])
+    gate, dst, src = gate_score.split([c, 1, 1], dim=-1)
+    dst, src = dst.squeeze(-1), src.squeeze(-1)  # [B, D, H, W] each
+    offsets = expert.offsets
+    r = max(max(abs(v) for v in o) for o in offsets)
+    if expert.boundary == "periodic" and r > min(dims):  # wraps further than the lattice: rolls (rare)
+        src_k = torch.stack([torch.roll(src, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets], -1)
+        value_k = [torch.roll(value, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets]
+    else:
+        padded_src = pad_rows(src.unsqueeze(-1), r, expert.boundary)[..., 0]
+        src_k = ShiftStack.apply(padded_src, offsets, r)  # [B, D, H, W, K]
+        value_k = None
+    bias = expert.offset_bias + _mask_bias(expert, dims, rows)  # [D, H, W, K], -inf outside the lattice
+    attn = (F.leaky_relu(dst.unsqueeze(-1) + src_k, 0.2) + bias).softmax(dim=-1).to(value.dtype)
+    if value_k is None:
+        message = RowsNeighbourMix.apply(pad_rows(value, r, expert.boundary), attn, offsets, r)
+    else:
+        message = sum(v * attn[..., k : k + 1] for k, v in enumerate(value_k))
+    return torch.sigmoid(gate) * message
+
+
+def _mask_bias(expert, dims, like: torch.Tensor) -> torch.Tensor:
+    cached = getattr(expert, "_rows_mask_bias", None)
+    if cached is None or cached.device != like.device or tuple(cached.shape[:3]) != dims:
+        inside = expert.inside.permute(1, 2, 3, 0).to(like.device)  # [D, H, W, K]
+        cached = torch.zeros(inside.shape, device=like.device).masked_fill(~inside, float("-inf"))
+        expert._rows_mask_bias = cached
+    return cached
+
+
+def _distant(expert, value) -> torch.Tensor:
+    """The distant expert on rows: the partners' projected states mixed by the link weights."""
+    b, d, h, w, c = value.shape
+    flat = value.reshape(b, d * h * w, c)
+    partners = flat.index_select(1, expert.links.view(-1)).view(b, d * h * w, expert.neighbours, c)
+    weights = expert.link_weight.softmax(0).to(value.dtype)  # [links]
+    return torch.matmul(weights, partners).view(b, d, h, w, c)  # [B, N, links, C] -> [B, N, C]
+
+
+def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on ``rows [B, D, H, W, C]`` -> (new rows, gates ``[B, D, H, W, E]``)."""
+    weight, bias, names, widths = projection(processor)
+    proj = F.linear(rows, weight, bias)  # [B, D, H, W, P]: every per-cell map of the state at once
+    # one split, not slices: each slice's backward would zero and fill a whole [B, D, H, W, P] gradient
+    columns = dict(zip(names, proj.split(widths, dim=-1)))
+    gates = gate_weights_rows(columns["gate"], processor.temperature, processor.top_k)
+    gate_columns = gates.split(1, dim=-1)
+    message = None
+    for i, (name, expert) in enumerate(processor.experts.items()):
+        if name == "local":
+            out = expert(rows.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # conv on the channels-last view
+        elif name == "functional":
+            out = _functional(expert, rows, columns["functional_gate_score"],
+                              columns["functional_value"])
+        else:
+            out = _distant(expert, columns["distant_value"])
+        g = gate_columns[i].to(out.dtype)
+        message = out * g if message is None else torch.addcmul(message, out, g)
+    new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)
+    return new_rows, gates
+
+
+def compile_step(model, mode: str | None = None) -> None:
+    """Run ``model``'s fused step through ``torch.compile`` from now on (meant for CUDA).
+
+    On a GPU the step is launch-bound (about a hundred small kernels per lattice step);
+    inductor fuses its elementwise passes into a few kernels, and ``mode="reduce-overhead"``
+    also replays them as a CUDA graph. On CPU compiling made the step slower (BENCHMARKS.md)
+    and is not used. Parameters and ``state_dict`` are untouched.
+    """
+    processor = model.processor
+    processor.step_rows = torch.compile(functools.partial(fused_step, processor), mode=mode, dynamic=False)

@@ -1,0 +1,60 @@
+"""``cnn3d-analyze``: the page on a real (tiny) checkpoint in headless Chromium, and bad input."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cnn3d.analyze as analyze
+from cnn3d import preset, with_overrides
+from cnn3d.analyze_cli import analyze_cli
+from cnn3d.checkpoint import save_checkpoint
+from cnn3d.model import build_model
+from tuner.report import check_in_browser, find_chromium
+
+TINY = {"lattice.size": 4, "lattice.steps": 3, "lattice.state_size": 8, "data.max_sentences": 160,
+        "train.batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(warm_cache, tmp_path_factory):
+    """A checkpoint of a tiny cube at its initial weights (what the page needs; training is tested elsewhere)."""
+    config = with_overrides(preset("test"), {**TINY, "data.cache_dir": str(warm_cache)})
+    folder = tmp_path_factory.mktemp("checkpoint")
+    save_checkpoint(folder, build_model(config, 384), config, {"teacher_dim": 384, "epochs_done": 0})
+    return folder
+
+
+@pytest.mark.slow
+def test_page_draws_every_figure_in_headless_chromium(checkpoint, tmp_path, monkeypatch):
+    if not find_chromium():
+        pytest.skip("no chromium on PATH")
+    monkeypatch.setattr(analyze, "RIDGE_TRAIN", 96)
+    result = analyze.analyze_checkpoint(checkpoint, distractors=(20,), probe_sentences=80, progress=False)
+    page = analyze.write_page(result, tmp_path / "page.html")
+    text = page.read_text()
+    assert text.count("plotly.js v") == 1  # the library embedded once
+    check = check_in_browser(page)
+    assert check.errors == []
+    assert len(check.figures) == 7 and check.undrawn == []
+    # the untrained checkpoint against the untrained null: no excess anywhere
+    assert all(result.emergence[f"{name}_excess"] <= 1e-9 for name in ("cell_specialization", "rsa_teacher"))
+    assert result.decoding["bank_size"][1] == result.decoding["bank_size"][0] + 20
+    assert set(result.probes) == {"tense", "plural_subject", "human_subject", "clauses"}
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "page.html"
+    result = CliRunner().invoke(analyze_cli, [str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "not a cnn3d checkpoint" in result.output
+    assert not out.exists()
+
+
+def test_a_probing_file_without_labels_is_one_line_and_writes_nothing(checkpoint, tmp_path):
+    bad = tmp_path / "probe.csv"
+    bad.write_text("text,tag\n" + "".join(f"sentence {i},a\n" for i in range(20)))
+    out = tmp_path / "page.html"
+    result = CliRunner().invoke(analyze_cli, [str(checkpoint), "--out", str(out), "--probing-file", str(bad)])
+    assert result.exit_code == 2 and "no 'label' column" in result.output
+    assert result.output.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == [bad]
