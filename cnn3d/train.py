@@ -529,7 +529,8 @@ _FREE_KEYS = ("teacher.batch_size",)  # how the teacher is batched changes nothi
 def _open_resume(folder, config: Config) -> Checkpoint:
     """Verify a checkpoint to resume from against ``config``; a mismatch is one line naming the keys."""
     ckpt = open_checkpoint(folder)
-    saved, now = flatten(ckpt.config), flatten(config)
+    # under train.grow_schedule the checkpoint holds the cube of its last epoch's stage
+    saved, now = flatten(ckpt.config), flatten(stage_config(config, max(ckpt.epochs_done - 1, 0)))
     differing = sorted(k for k, v in now.items() if saved[k] != v)
     fixed = [k for k in differing if (k.split(".", 1)[0] in _MODEL_SECTIONS or k in _MODEL_KEYS) and k not in _FREE_KEYS]
     if fixed:

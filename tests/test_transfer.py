@@ -155,9 +155,7 @@ def _cli(*args, cwd):
 
 def test_init_from_bad_input_is_one_line_and_overwrites_nothing(tiny, small_checkpoint, tmp_path):
     config, _ = tiny
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = tmp_path / "out"  # new: a failed start must not create it
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
     sets = [f"--set=data.cache_dir={config.data.cache_dir}", "--set=data.max_sentences=60"]
@@ -167,7 +165,7 @@ def test_init_from_bad_input_is_one_line_and_overwrites_nothing(tiny, small_chec
         assert run.returncode == 2, run.stderr
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], run.stderr
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert not out.exists()
 
 
 def test_load_student_rejects_a_folder_without_a_checkpoint(tmp_path):
