@@ -46,7 +46,7 @@ def test_passwords_never_leak_and_worker_logs_reach_stderr(tmp_path, postgres, w
     assert len(epoch_lines) >= 2 and all(line[:2].isdigit() and line[2] == ":" for line in epoch_lines), proc.stderr
 
     study = optuna.load_study(study_name="secret", storage=storage)
-    everything = [study.user_attrs, study.system_attrs] + [
+    everything = [study.user_attrs] + [
         [t.user_attrs, t.system_attrs, t.params] for t in study.trials]
     assert PASSWORD not in json.dumps(everything, default=str)
     report = tmp_path / "studies" / "reports" / "secret.html"
