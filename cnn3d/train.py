@@ -26,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .analysis import CubeResponses, EmergenceNulls, emergence_values, emergence_with_nulls, null_metric_names
 from .cache import EmbeddingCache, embed_with_cache
 from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
 from .config import Config, flatten
 from .data import builtin_sentences, curriculum_fraction, load_corpus, read_phrase_file
-from .analysis import CubeResponses, EmergenceNulls, emergence_values, emergence_with_nulls, null_metric_names
 from .decode import PhraseBank, build_bank
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import total_loss
