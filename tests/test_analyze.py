@@ -1,7 +1,6 @@
 """``cnn3d-analyze``: the page on a real (tiny) checkpoint in headless Chromium, and bad input."""
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import cnn3d.analyze as analyze

@@ -1,10 +1,15 @@
 import pytest
 import torch
 
-from cnn3d.config import LossConfig
-from cnn3d.config import Config, with_overrides
+from cnn3d.config import Config, LossConfig, with_overrides
 from cnn3d.losses import (
-    cosine_loss, diversity_loss, load_balance_loss, reconstruction_loss, sparsity_loss, total_loss, triplet_loss,
+    cosine_loss,
+    diversity_loss,
+    load_balance_loss,
+    reconstruction_loss,
+    sparsity_loss,
+    total_loss,
+    triplet_loss,
 )
 
 

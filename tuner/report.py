@@ -780,7 +780,7 @@ window.addEventListener('load', function () {
     var figs = [];
     document.querySelectorAll('.plotly-graph-div').forEach(function (gd) {
       var svg = gd.querySelector('.main-svg'); var r = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
-      var marks = gd.querySelectorAll('g.trace, g.point, path.point, .bars path, .contour, canvas').length;
+      var marks = gd.querySelectorAll('g.trace, g.point, path.point, .bars path, .contour, g.hm image, canvas').length;
       var canvases = Array.prototype.filter.call(gd.querySelectorAll('canvas'), function (c) { return c.width > 0 && c.height > 0; }).length;
       figs.push({id: gd.id, width: r.width, height: r.height, traces: (gd.data || []).length, marks: marks,
                  canvases: canvases, gl: !!gd.querySelector('.gl-container')});
