@@ -221,8 +221,9 @@ def test_sigkill_at_random_points_of_saving_never_leaves_a_mixed_checkpoint(tmp_
         loaded.append(epoch)
         last = epoch
     assert len(loaded) >= 20 and loaded == sorted(loaded)
-    interrupted = sum(a == b for a, b in zip([0, *loaded], loaded))  # kills that left no new epoch behind
-    assert loaded[-1] >= 2 and interrupted >= 1, loaded
+    # each child saves in a loop, so a kill almost always lands inside a save; how many saves a child
+    # completes before its kill depends on the machine's speed, so only progress is asserted here
+    assert loaded[-1] >= 2, loaded
     _save(folder, last + 1)  # the next save cleans what killed writers left behind
     assert _epoch_of(folder) == last + 1 and _leftovers(folder) == []
 
