@@ -204,7 +204,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", "Where to train; auto picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"), tune=False)
     num_threads: int = param(0, "Torch CPU threads (0 = leave torch's default).", low=0, high=1024, tune=False)
     eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
-    emergence_nulls: bool = param(True, "Measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
+    emergence_nulls: bool = param(True, "At the last epoch, measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
     init_from: str = param(
         "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md).", tune=False
     )

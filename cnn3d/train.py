@@ -215,7 +215,7 @@ def evaluate(model: LatticeStudent, data: TrainingData, config: Config, device: 
              nulls: EmergenceNulls | None = None) -> dict:
     """Validation metrics, baselines computed on the same split, and emergence metrics.
 
-    With ``nulls`` (built once per run by ``emergence_nulls``) every emergence metric also gets
+    With ``nulls`` (built by ``emergence_nulls`` for the last epoch) every emergence metric also gets
     its untrained-cube and shuffled-control nulls, excess and bootstrap std (``cnn3d.analysis``).
     """
     model.eval()
@@ -364,7 +364,6 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
                  torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
                  total, max(1, total // 20), step)
     generator = torch.Generator().manual_seed(config.train.seed)
-    nulls = emergence_nulls(config, data, device, dtype) if config.train.emergence_nulls else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history: list[dict[str, float]] = []
@@ -381,6 +380,9 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
         metrics = {"epoch": epoch + 1, **_train_epoch(loop, source, order, phase, f"epoch {epoch + 1}/{len(plan)}", show),
                    **data.cache_metrics}
         if epoch == len(plan) - 1 or (epoch + 1) % config.train.eval_every == 0:
+            # the nulls (an untrained cube, controls, bootstrap) cost a few seconds: measured at the last epoch only
+            last = epoch == len(plan) - 1
+            nulls = emergence_nulls(config, data, device, dtype) if last and config.train.emergence_nulls else None
             evaluation = evaluate(model, data, config, device, dtype, nulls)
             metrics.update(evaluation["metrics"])
             metrics.update(baselines(data, stage))
