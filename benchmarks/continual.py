@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
 from cnn3d import preset, with_overrides
 from cnn3d.continual import prepare_domains, run_continual
+from cnn3d.device import cpu_model
 from cnn3d.train import train
 
 
@@ -39,16 +39,6 @@ def variants(args) -> dict[str, dict[str, object]]:
         "joint": {"continual.joint": True},
     }
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -71,7 +61,7 @@ def main() -> None:
     device = torch.device("cpu")
     domains = prepare_domains(config, device)
     labels = [d.label for d in domains]
-    print(f"cpu: {cpu_name()} ({torch.get_num_threads()} threads) | preset={args.preset} "
+    print(f"cpu: {cpu_model()} ({torch.get_num_threads()} threads) | preset={args.preset} "
           f"face={config.lattice.face_numbers} epochs/stage={args.epochs} domains={args.domains} "
           f"(train/val: {', '.join(f'{d.label} {len(d.data.train_texts)}/{len(d.data.val_texts)}' for d in domains)})")
     chosen = {k: v for k, v in variants(args).items() if not args.only or k in args.only.split(",")}

@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnn3d import build_model, preset, with_overrides
-from cnn3d.device import resolve_device
+from cnn3d.device import cpu_model, resolve_device
 from cnn3d.errors import UserError
 from cnn3d.fused import compile_step
 
@@ -150,7 +150,7 @@ def main() -> None:
         torch.set_flush_denormal(True)  # as the trainer does: denormals slow CPU kernels many-fold
     variants = args.variants or (["reference", "fused"] + (["compiled"] if device.type == "cuda" else []))
     overrides = dict(item.split("=", 1) for item in args.set)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device={device} ({name}) threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__}")
     header = f"{'lattice':>8} {'batch':>5} {'steps':>5} {'variant':>9} {'ms/step':>9} {'samples/s':>10}"
     print(header + f" {'cell-steps/s':>13} {'GFLOP/s':>8} {'matmul':>8} {'vs matmul':>9} {'speedup':>7} {'peak MB':>8}")
@@ -164,16 +164,6 @@ def main() -> None:
                 flush=True,
             )
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 
 import torch
 
@@ -65,3 +66,15 @@ def threads_per_worker(workers: int, configured: int = 0) -> int:
     if configured:
         return configured
     return max(1, available_cores() // max(1, workers))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), for benchmark headers: figures differ over 2x between machines."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
