@@ -53,7 +53,8 @@ PULLER = textwrap.dedent("""
 """)
 
 
-def _race(url: str, tmp_path) -> None:
+def _race(url: str, tmp_path) -> tuple[dict[tuple[str, int], int], list[dict[str, int]]]:
+    """Run the race; returns how often each queued trial ran and each round's trial counts by state."""
     outs = [tmp_path / f"seen-{p}.json" for p in range(PROCESSES)]
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", PULLER, url, str(ROUNDS), str(go), str(out), str(QUEUED)],
@@ -79,21 +80,23 @@ def _race(url: str, tmp_path) -> None:
         for study_name, number, queued in seen:
             if queued:
                 runs[(study_name, number)] = runs.get((study_name, number), 0) + 1
+    rounds = []
+    for r in range(ROUNDS):
+        trials = optuna.load_study(study_name=f"race-{r}", storage=storage).get_trials(deepcopy=False)
+        rounds.append({state.name: sum(t.state == state for t in trials) for state in TrialState})
+    return runs, rounds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_processes_never_run_a_queued_trial_twice(backend, tmp_path, request):
+    url = (f"sqlite:///{tmp_path}/race.db" if backend == "sqlite"
+           else request.getfixturevalue("postgres").create("race"))
+    runs, rounds = _race(url, tmp_path)
     duplicates = {k: n for k, n in runs.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} queued trials ran more than once: {sorted(duplicates)[:10]}"
     assert len(runs) == ROUNDS * QUEUED  # every queued trial ran
-    for r in range(ROUNDS):
-        study = optuna.load_study(study_name=f"race-{r}", storage=storage)
-        assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-        assert len(study.get_trials(states=(TrialState.COMPLETE,))) >= QUEUED
-        assert not study.get_trials(states=(TrialState.FAIL,))
-
-
-@pytest.mark.slow
-def test_two_processes_never_run_a_queued_trial_twice_on_sqlite(tmp_path):
-    _race(f"sqlite:///{tmp_path}/race.db", tmp_path)
-
-
-@pytest.mark.slow
-def test_two_processes_never_run_a_queued_trial_twice_on_postgresql(tmp_path, postgres):
-    _race(postgres.create("race"), tmp_path)
+    assert len(rounds) == ROUNDS
+    for counts in rounds:
+        assert counts["RUNNING"] == counts["WAITING"] == counts["FAIL"] == 0, counts
+        assert counts["COMPLETE"] >= QUEUED, counts
