@@ -31,6 +31,8 @@ every resample), so ``_excess_std`` includes the null's own noise.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,6 +210,166 @@ def excess(name: str, raw: float, untrained: float, shuffled: float) -> float:
     return sign * raw - max(sign * untrained, sign * shuffled)
 
 
+# --------------------------------------------------------------------------- the bootstrap, vectorised
+
+BOOT_CHUNK = 10  # resamples per batched step: bounds the [chunk, n, n] intermediates (~20 MB at n = 512)
+
+
+def resample_counts(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """``[B, n]`` double: how often each sentence appears in each resample (a resample is a multiset of rows)."""
+    return torch.stack([torch.bincount(r, minlength=n) for r in rows]).double()
+
+
+def _pair_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper-triangle (diagonal included) pair list ``[2, P]`` and ``[n, n]`` map from (i, j) to its pair."""
+    iu = torch.triu_indices(n, n, offset=0)
+    index = torch.empty(n, n, dtype=torch.long)
+    index[iu[0], iu[1]] = torch.arange(iu.shape[1])
+    index[iu[1], iu[0]] = torch.arange(iu.shape[1])
+    return iu, index
+
+
+def _pair_counts(w: torch.Tensor, iu: torch.Tensor) -> torch.Tensor:
+    """``[B, P]``: how many unordered position pairs of each resample fall on each sentence pair.
+
+    Two positions holding the same sentence i make a pair (i, i): ``w_i (w_i - 1) / 2`` of them.
+    """
+    i, j = iu
+    wi = w.index_select(1, i)  # index_select: much faster than advanced indexing along dim 1
+    return torch.where(i == j, wi * (wi - 1) / 2, wi * w.index_select(1, j))
+
+
+def _midranks(order: tuple[torch.Tensor, torch.Tensor], m: torch.Tensor) -> torch.Tensor:
+    """``[B, P]`` ranks of each sentence pair among a resample's position pairs, given multiplicities ``m [B, P]``.
+
+    The pairs are sorted once (``order``: the sort and its inverse); a pair's copies share the
+    mean of their ranks (mid-ranks), which is what Spearman's rho uses for ties.
+    """
+    ms = m.index_select(1, order[0])
+    mid = ms.cumsum(1) - (ms - 1) / 2
+    return mid.index_select(1, order[1])
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of matching rows of ``a`` and ``b`` ``[B, P]``."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denom > 0, (a * b).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+
+
+def _gaussian_mi_batched(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    """``gaussian_mi_of_components`` for a batch ``za [B, n, ka]``, ``zb [B, n, kb]`` -> ``[B]``."""
+    if za.shape[2] == 0 or zb.shape[2] == 0:
+        return za.new_zeros(za.shape[0])
+    z = torch.cat([za, zb], dim=2)
+    z = z - z.mean(1, keepdim=True)
+    cov = z.transpose(1, 2) @ z / (z.shape[1] - 1)
+    eye = 1e-9 * torch.eye(cov.shape[1], dtype=cov.dtype)
+    ka = za.shape[2]
+
+    def logdet(c):
+        return torch.linalg.slogdet(c + eye[: c.shape[1], : c.shape[1]]).logabsdet
+
+    return (0.5 * (logdet(cov[:, :ka, :ka]) + logdet(cov[:, ka:, ka:]) - logdet(cov))).clamp_min(0)
+
+
+@dataclass
+class Resampled:
+    """What the bootstrap reads of one cube's responses, reduced once so every resample is a few O(n^2) ops.
+
+    Each resample is given by its row counts ``w`` (``resample_counts``); the metrics below are
+    exactly those of ``emergence_values(r, teacher, rows)`` (the rows repeated as counted), except
+    that RSA ranks tied copies by their mid-rank instead of by order.
+    """
+
+    gram: torch.Tensor  # [n, n] back-layer states' Gram matrix (double)
+    cells: torch.Tensor  # [n, cells] |response| (double)
+    usage: torch.Tensor  # [n, E]
+    sparsity: torch.Tensor  # [n]
+    prep: Prepared
+    pairs: tuple[torch.Tensor, torch.Tensor]  # sentence pairs [2, P] (diagonal included) and the [n, n] map to them
+    teacher_order: tuple[torch.Tensor, torch.Tensor]  # [P] the pairs sorted by the teacher's similarity, and its inverse
+    student_order: tuple[torch.Tensor, torch.Tensor]  # [P] ... by the student's
+
+    @classmethod
+    def of(cls, r: CubeResponses, prep: Prepared) -> Resampled:
+        x = r.back_states.double()
+        iu, index = _pair_index(len(r))
+        order = [(o, o.argsort()) for o in (s[iu[0], iu[1]].argsort() for s in (prep.teacher_sims, prep.student_sims))]
+        return cls(x @ x.T, r.cell_response.double().abs(), r.usage.double(), r.sparsity.double(), prep,
+                   (iu, index), *order)
+
+    def cube_metrics(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The four metrics read from the cube's own states, ``[B]`` each, for counts ``w [B, n]``."""
+        n = w.shape[1]
+        # participation ratio (tr C)^2 / tr C^2 of the rows weighted by w, centred at their weighted mean:
+        # with K = centred Gram, tr C = sum_i w_i K_ii and tr C^2 = sum_ij w_i w_j K_ij^2 (no eigendecomposition)
+        a = w @ self.gram / n  # [B, n]: x_i . mean
+        b = (a * w).sum(1) / n  # [B]: mean . mean
+        diag = self.gram.diagonal()
+        eff = []
+        for lo in range(0, w.shape[0], BOOT_CHUNK):
+            wc, ac, bc = w[lo : lo + BOOT_CHUNK], a[lo : lo + BOOT_CHUNK], b[lo : lo + BOOT_CHUNK]
+            k = self.gram - ac[:, :, None] - ac[:, None, :] + bc[:, None, None]  # [chunk, n, n]
+            tr = (wc * (diag - 2 * ac + bc[:, None])).sum(1)
+            tr2 = torch.einsum("bi,bij,bj->b", wc, k.pow(2), wc)
+            eff.append(torch.where(tr2 > 0, tr.pow(2) / tr2.clamp_min(1e-300), torch.zeros_like(tr)))
+        mean, mean_sq = w @ self.cells / n, w @ self.cells.pow(2) / n  # [B, cells]
+        active = mean_sq > 0
+        s = (1 - mean.pow(2) / mean_sq.clamp_min(1e-300)) / (1 - 1 / n)
+        spec = torch.where(active, s, torch.zeros_like(s)).sum(1) / active.sum(1).clamp_min(1)
+        p = w @ self.usage  # [B, E]
+        p = p / p.sum(1, keepdim=True)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(p.shape[1]) if p.shape[1] > 1 else p[:, 0] * 0
+        return {"effective_dim": torch.cat(eff), "cell_specialization": spec, "expert_usage_entropy": entropy,
+                "activation_sparsity": w @ self.sparsity / n}
+
+
+def bootstrap_values(cube: Resampled, rows: list[torch.Tensor], control: Resampled | None = None,
+                     perms: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every metric of ``cube`` on every resample (``[B]`` tensors), and, given ``control`` and ``perms``,
+    every shuffled-control value on the same resamples (else an empty dict).
+
+    ``rows[b]`` are resample b's rows; ``perms[b]`` the permutation of its positions that the
+    permutation nulls use (the back face, the student, paired with permuted positions).
+    """
+    n = cube.gram.shape[0]
+    w = resample_counts(rows, n)
+    idx = torch.stack(rows)  # [B, n]
+    raw = cube.cube_metrics(w)
+    za, zb = cube.prep.za, cube.prep.zb
+    raw["mutual_info_front_back"] = _gaussian_mi_batched(za[idx], zb[idx])
+    shuffled: dict[str, torch.Tensor] = {}
+    pidx = None
+    if control is not None and perms is not None:
+        shuffled = control.cube_metrics(w)
+        pidx = torch.gather(idx, 1, torch.stack(perms))  # [B, n]: the rows at the permuted positions
+        shuffled["mutual_info_front_back"] = _gaussian_mi_batched(za[idx], zb[pidx])
+    iu, pair_index = cube.pairs
+    m = _pair_counts(w, iu)  # [B, P]
+    ia, ib = torch.triu_indices(n, n, offset=1)  # position pairs a < b
+    rsa_raw, rsa_shuffled = [], []
+    for lo in range(0, len(rows), BOOT_CHUNK):
+        mc = m[lo : lo + BOOT_CHUNK]
+        rank_t, rank_s = _midranks(cube.teacher_order, mc), _midranks(cube.student_order, mc)
+        # Spearman over a resample's position pairs = the pair-count-weighted Pearson of the mid-ranks
+        weights = mc / mc.sum(1, keepdim=True)
+        dt = rank_t - (weights * rank_t).sum(1, keepdim=True)
+        ds = rank_s - (weights * rank_s).sum(1, keepdim=True)
+        cov = (weights * dt * ds).sum(1)
+        var = (weights * dt.pow(2)).sum(1) * (weights * ds.pow(2)).sum(1)
+        rsa_raw.append(torch.where(var > 0, cov / var.clamp_min(1e-300).sqrt(), torch.zeros_like(cov)))
+        if pidx is not None:  # the teacher's pair at positions (a, b) against the student's at the permuted ones
+            ic, pc = idx[lo : lo + BOOT_CHUNK], pidx[lo : lo + BOOT_CHUNK]
+            t_pairs = pair_index.take(ic.index_select(1, ia) * n + ic.index_select(1, ib))
+            s_pairs = pair_index.take(pc.index_select(1, ia) * n + pc.index_select(1, ib))
+            rsa_shuffled.append(_pearson_rows(torch.gather(rank_t, 1, t_pairs), torch.gather(rank_s, 1, s_pairs)))
+    raw["rsa_teacher"] = torch.cat(rsa_raw)
+    if rsa_shuffled:
+        shuffled["rsa_teacher"] = torch.cat(rsa_shuffled)
+    return raw, shuffled
+
+
 # --------------------------------------------------------------------------- nulls for one run
 
 
@@ -224,11 +386,11 @@ def single_thread():
 
 @dataclass
 class EmergenceNulls:
-    """What one training run compares every validated epoch with; built once, before training.
+    """What one training run compares its trained cube with; built from the untrained cube's responses.
 
     ``untrained`` is the untrained cube's responses on the validation sentences, ``control_inputs``
     the structureless inputs the trained cube is run on, ``boot_rows`` the bootstrap resamples and
-    ``untrained_boot`` the untrained metrics on each (computed once, reused every epoch).
+    ``untrained_boot`` the untrained metrics on each (``[B]`` per metric, computed once).
     """
 
     teacher: torch.Tensor  # [n, T]
@@ -236,15 +398,19 @@ class EmergenceNulls:
     untrained_values: dict[str, float]
     control_inputs: torch.Tensor  # [n, T]
     boot_rows: list[torch.Tensor]
-    untrained_boot: list[dict[str, float]]
+    untrained_boot: dict[str, torch.Tensor]
     seed: int
+    seconds: float = 0.0  # wall time spent building and comparing these nulls (the cost benchmark reads it)
 
     @classmethod
     def build(cls, untrained_model, teacher: torch.Tensor, batch_size: int, device: torch.device, dtype=None,
               seed: int = 0, bootstrap: int = BOOTSTRAP_SAMPLES) -> EmergenceNulls:
         """Run the untrained cube once over ``teacher [n, T]`` and fix the bootstrap resamples."""
+        start = time.perf_counter()
         untrained = collect_responses(untrained_model, teacher, batch_size, device, dtype)
-        return cls.from_responses(untrained, teacher, seed, bootstrap)
+        nulls = cls.from_responses(untrained, teacher, seed, bootstrap)
+        nulls.seconds = time.perf_counter() - start
+        return nulls
 
     @classmethod
     def from_responses(cls, untrained: CubeResponses, teacher: torch.Tensor, seed: int = 0,
@@ -256,10 +422,10 @@ class EmergenceNulls:
         teacher = teacher.float().cpu()
         with single_thread():
             prep = Prepared.of(untrained, teacher)
+            boot, _ = bootstrap_values(Resampled.of(untrained, prep), rows)
             return cls(
                 teacher=teacher, untrained=untrained, untrained_values=emergence_values(untrained, teacher),
-                control_inputs=structureless_inputs(teacher, seed),
-                boot_rows=rows, untrained_boot=[emergence_values(untrained, teacher, r, prep) for r in rows], seed=seed,
+                control_inputs=structureless_inputs(teacher, seed), boot_rows=rows, untrained_boot=boot, seed=seed,
             )
 
     def compare(self, trained: CubeResponses, control: CubeResponses) -> dict[str, float]:
@@ -273,18 +439,16 @@ class EmergenceNulls:
         raw = emergence_values(trained, self.teacher)
         prep = Prepared.of(trained, self.teacher)
         shuffled = shuffled_values(trained, control, self.teacher, everything, gen, POINT_PERMUTATIONS, prep)
-        boot: dict[str, list[float]] = {name: [] for name in EMERGENCE_NAMES}
-        for rows, untrained in zip(self.boot_rows, self.untrained_boot):
-            r = emergence_values(trained, self.teacher, rows, prep)
-            s = shuffled_values(trained, control, self.teacher, rows, gen, 1, prep)
-            for name in EMERGENCE_NAMES:
-                boot[name].append(excess(name, r[name], untrained[name], s[name]))
+        perms = [torch.randperm(len(trained), generator=gen) for _ in self.boot_rows]
+        cube = Resampled.of(trained, prep)
+        boot_raw, boot_shuffled = bootstrap_values(cube, self.boot_rows, Resampled.of(control, prep), perms)
         out: dict[str, float] = {}
         for name in EMERGENCE_NAMES:
             out[f"{name}_null_untrained"] = self.untrained_values[name]
             out[f"{name}_null_shuffled"] = shuffled[name]
             out[f"{name}_excess"] = excess(name, raw[name], self.untrained_values[name], shuffled[name])
-            samples = torch.tensor(boot[name], dtype=torch.double)
+            sign = DIRECTION[name]
+            samples = sign * boot_raw[name] - torch.maximum(sign * self.untrained_boot[name], sign * boot_shuffled[name])
             out[f"{name}_excess_std"] = samples.std().item() if samples.numel() > 1 else 0.0
         return out
 
@@ -292,5 +456,8 @@ class EmergenceNulls:
 def emergence_with_nulls(model, trained: CubeResponses, nulls: EmergenceNulls, batch_size: int,
                          device: torch.device, dtype=None) -> dict[str, float]:
     """Nulls, excess and uncertainty for a trained ``model`` whose validation responses are ``trained``."""
+    start = time.perf_counter()
     control = collect_responses(model, nulls.control_inputs[: len(trained)], batch_size, device, dtype)
-    return nulls.compare(trained, control)
+    out = nulls.compare(trained, control)
+    nulls.seconds += time.perf_counter() - start
+    return out

@@ -384,6 +384,8 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
             last = epoch == len(plan) - 1
             nulls = emergence_nulls(config, data, device, dtype) if last and config.train.emergence_nulls else None
             evaluation = evaluate(model, data, config, device, dtype, nulls)
+            if nulls is not None:
+                logger.info("emergence nulls took %.1f s (untrained cube, shuffled control, bootstrap)", nulls.seconds)
             metrics.update(evaluation["metrics"])
             metrics.update(baselines(data, stage))
             examples = evaluation["examples"]
