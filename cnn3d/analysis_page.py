@@ -31,7 +31,7 @@ def render(a) -> str:
         f"{_e(a.config.get('lattice.steps'))} steps, corpus {_e(a.config.get('data.corpus'))}; "
         f"analysis took {a.seconds:.0f} s. Every figure shows the trained cube beside the untrained cube "
         "(same seed, initial weights) and, where one exists, a shuffled control or chance level.</p>",
-        "<h2>Emergence beside its nulls</h2>", _emergence_table(a.emergence), _fig(emergence_figure(a), "emergence"),
+        "<h2>Emergence beside its nulls</h2>", emergence_table(a.emergence), _fig(emergence_figure(a), "emergence"),
         "<h2>Information flow along depth</h2>",
         "<p class=\"note\">Per depth layer z (z=0 is the front face's layer): effective dimension of the states, "
         "validation cosine of a ridge probe (fitted on training sentences) recovering the teacher embedding, and RSA "
@@ -71,7 +71,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _emergence_table(m: dict[str, float]) -> str:
+def emergence_table(m: dict[str, float]) -> str:
     rows = []
     for name in EMERGENCE_NAMES:
         if name not in m:

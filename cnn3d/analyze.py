@@ -140,7 +140,7 @@ def analyze_checkpoint(folder: str | Path, corpus: str | None = None, probing_fi
     rsm = {"texts": data.val_texts[:RSM_SENTENCES], "teacher": M.similarity_matrix(sample).tolist(),
            "student": M.similarity_matrix(student).tolist()}
     stage("decoding")
-    decoding = decoding_by_bank_size(cubes["trained"], data, config, device, distractors)
+    decoding = decoding_by_bank_size(cubes["trained"], data, config, device, distractors, progress)
     stage("done")
     bar.close()
     flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()}
@@ -173,17 +173,49 @@ def _probe_tasks(pset: ProbingSet, cubes: dict, config, device, batch: int, pref
     return out
 
 
+def _sentence_key(text: str) -> str:
+    """What makes two sentences the same for the bank: case and spacing do not count."""
+    return " ".join(text.split()).casefold()
+
+
+def distractor_pool(queries: list[str], train_texts: list[str], most: int, seed: int = 12345) -> list[str]:
+    """Up to ``most`` distinct distractor sentences, none of them a query (nor equal to one but for case or spacing).
+
+    Nearest first: the training split (same corpus as the queries), then the other built-in
+    corpora (``builtin.txt``, ``heldout.txt``), then the synthetic generator for the rest.
+    """
+    from .data import builtin_sentences, heldout_sentences
+    from .synthetic import generate_sentences
+
+    taken = {_sentence_key(t) for t in queries}
+    pool: list[str] = []
+
+    def add(texts) -> None:
+        for t in texts:
+            key = _sentence_key(t)
+            if len(pool) < most and key not in taken:
+                taken.add(key)
+                pool.append(t)
+
+    add(train_texts)
+    add(builtin_sentences() + heldout_sentences())
+    if len(pool) < most:  # the generator's sentences are distinct; a few may repeat a corpus sentence
+        add(t for t, _ in generate_sentences(int((most - len(pool)) * 1.02) + 16, seed=seed))
+    return pool
+
+
 @torch.no_grad()
-def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, ...]) -> dict[str, list[float]]:
+def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, ...],
+                          progress: bool = False) -> dict[str, list[float]]:
     """Decode top-1 of the student and of PCA-through-the-face against banks of growing size.
 
-    Bank = the validation sentences plus ``n`` distractors (synthetic sentences, then training
-    sentences), for ``n`` in ``(0, *distractors)``. The PCA reconstruction keeps
+    Bank = the validation sentences (the queries) plus ``n`` distractors from ``distractor_pool``
+    (never a query), for ``n`` in ``(0, *distractors)``. The PCA reconstruction keeps
     ``lattice.face_numbers`` components fitted on the train split: the linear ceiling of the face.
+    Distractors are embedded by the teacher through the embedding cache (once per machine).
     """
     from .cache import EmbeddingCache, embed_with_cache
-    from .decode import build_bank
-    from .synthetic import generate_sentences
+    from .decode import PhraseBank
     from .teacher import load_teacher
 
     val = data.val
@@ -194,15 +226,22 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
     basis = v[: min(k, v.shape[0])].float()
     pca = (val - mean) @ basis.T @ basis + mean
     most = max((0, *distractors))
-    pool = [t for t, _ in generate_sentences(most, seed=12345)] if most else []
-    seen = set(data.val_texts)
-    pool = [t for t in pool + data.train_texts if t not in seen][:most]
-    vectors = (embed_with_cache(load_teacher(config.teacher, device), pool, EmbeddingCache.from_config(config.data))
-               .float().cpu() if pool else val.new_zeros(0, val.shape[1]))
+    pool = distractor_pool(data.val_texts, data.train_texts, most)
+    known = {t: i for i, t in enumerate(data.train_texts)}  # the training split is embedded already
+    fresh = [t for t in pool if t not in known]
+    embedded = (embed_with_cache(load_teacher(config.teacher, device), fresh, EmbeddingCache.from_config(config.data),
+                                 progress=progress).float().cpu() if fresh else val.new_zeros(0, val.shape[1]))
+    row = {t: i for i, t in enumerate(fresh)}
+    vectors = torch.stack([data.train[known[t]] if t in known else embedded[row[t]] for t in pool]) if pool \
+        else val.new_zeros(0, val.shape[1])
+    first = {}
+    for i, t in enumerate(data.val_texts):
+        first.setdefault(t, i)
+    queries, q_rows = list(first), list(first.values())
     out: dict[str, list[float]] = {"bank_size": [], "distractors": [], "student": [], "pca": []}
     for n in sorted({0, *distractors}):
         n = min(n, len(pool))
-        bank = build_bank(data.val_texts + pool[:n], torch.cat([val, vectors[:n]]))
+        bank = PhraseBank(queries + pool[:n], torch.cat([val[q_rows], vectors[:n]]))
         out["bank_size"].append(float(len(bank)))
         out["distractors"].append(float(n))
         out["student"].append(bank.accuracy(pred, data.val_texts, k=1)[0])

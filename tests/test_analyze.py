@@ -57,3 +57,16 @@ def test_a_probing_file_without_labels_is_one_line_and_writes_nothing(checkpoint
     assert result.exit_code == 2 and "no 'label' column" in result.output
     assert result.output.strip().count("\n") == 0
     assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_distractors_are_distinct_and_never_a_query():
+    from cnn3d.data import builtin_sentences
+
+    queries = builtin_sentences()[:50]
+    train = builtin_sentences()[40:200] + ["  " + queries[0].upper() + " "]  # overlaps and a disguised query
+    pool = analyze.distractor_pool(queries, train, 2500)
+    assert len(pool) == 2500 and len(set(pool)) == 2500
+    keys = {analyze._sentence_key(q) for q in queries}
+    assert not any(analyze._sentence_key(t) in keys for t in pool)
+    assert pool[:150] == builtin_sentences()[50:200]  # the training split first: the nearest distractors
+    assert analyze.distractor_pool(queries, train, 0) == []

@@ -21,7 +21,9 @@ import torch
 from cnn3d.config import ConfigError, flatten, with_overrides
 from cnn3d.tracking import MetricLogger
 from cnn3d.train import EpochReport, TrainingData, prepare_data, train
+from cnn3d.transfer import stage_config
 
+from .report_analysis import log_trial_checkpoint
 from .space import ParamSpace, suggest
 from .spec import Objective
 from .tracking import EXAMPLES_ARTIFACT, SNAPSHOT_ARTIFACT, MlflowRunLogger, StudyTracker
@@ -105,6 +107,7 @@ class TrialRunner:
                                progress=False, data=self.data_for(config))
                 trial.set_user_attr("train_seconds", time.perf_counter() - train_start)
             values = [result.metrics[o.metric] for o in self.objectives]
+            self._attach_checkpoint(metrics_log.run_id, result, config)
             self._finish(trial, metrics_log, "COMPLETE", result.metrics, result.examples,
                          snapshot=lattice_snapshot(result.model, self.data_for(config), self.device))
             return values[0] if len(values) == 1 else values
@@ -137,6 +140,18 @@ class TrialRunner:
             self.overhead_seconds += time.perf_counter() - start
 
         return on_epoch
+
+    def _attach_checkpoint(self, run_id: str, result, config) -> None:
+        """The final weights as an MLflow artifact: the study report analyses the best trial's (tuner.report_analysis)."""
+        start = time.perf_counter()
+        try:
+            # under train.grow_schedule the final cube is the last stage's
+            stage = stage_config(config, max(len(result.history) - 1, 0))
+            log_trial_checkpoint(self.tracker.client, run_id, result.model, stage, result.model.teacher_dim,
+                                 len(result.history))
+        except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not fail a trained trial
+            logger.warning("could not attach the checkpoint of MLflow run %s: %s", run_id, exc)
+        self.overhead_seconds += time.perf_counter() - start
 
     def _finish(self, trial, metrics_log: MlflowRunLogger, state, metrics=None, examples=None, reason=None,
                 status=None, snapshot=None) -> None:

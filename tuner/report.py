@@ -59,8 +59,11 @@ PANEL_COLUMNS = 4
 
 
 def write_report(study, tracker=None, out: str | Path | None = None,
-                 mlflow_ui_base: str = "http://127.0.0.1:5000", mlflow_client: Any = None) -> Path:
+                 mlflow_ui_base: str = "http://127.0.0.1:5000", mlflow_client: Any = None, analyse: bool = True) -> Path:
     """Build and write the study's HTML report; returns its path (default ``studies/reports/<study>.html``).
+
+    With ``analyse`` the page gains the best trial's ``cnn3d-analyze`` views (``tuner.report_analysis``):
+    analysed from its MLflow checkpoint the first time, read back from its run afterwards.
 
     ``tracker`` (a ``StudyTracker``) or ``mlflow_client`` lets the report read per-epoch metrics from MLflow
     for trials whose history never reached Optuna; links into the MLflow UI use ``mlflow_ui_base``.
@@ -69,6 +72,10 @@ def write_report(study, tracker=None, out: str | Path | None = None,
     client = mlflow_client or (tracker.client if tracker is not None else None)
     experiment_id = tracker.experiment_id if tracker is not None else None
     data = build_report_data(study, mlflow_client=client, mlflow_ui_base=mlflow_ui_base, experiment_id=experiment_id)
+    if analyse and data.best is not None:  # computed once per best trial, then read back from its MLflow run
+        from .report_analysis import best_trial_analysis
+
+        data.analysis, data.analysis_note = best_trial_analysis(client, data.best.run_id, data.best.number)
     page = render_report(data)
     path = Path(out) if out else default_report_path(study.study_name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +124,8 @@ def build_sections(data: ReportData) -> list[Section]:
                 (_trials_section, "trials", "All trials")]
     if any(k.startswith("cl_matrix/") for t in data.complete for k in t.metrics):  # a study over data.domains
         builders.insert(4, (_continual_section, "continual", "Continual learning"))
+    if data.analysis is not None or data.analysis_note:  # write_report looked for the best trial's analysis
+        builders.insert(4, (_analysis_section, "analysis", "Best trial analysis"))
     sections = []
     for build, anchor, title in builders:
         try:
@@ -630,6 +639,27 @@ def _best_section(data: ReportData) -> Section:
         section.items.append(Html(examples_table(best.examples)))
     if best.lattice is not None:
         section.items.append(lattice_figure(best.lattice))
+    return section
+
+
+def _analysis_section(data: ReportData) -> Section:
+    """The best trial's ``cnn3d-analyze`` views: emergence, information flow, probes, similarity, decoding."""
+    from .report_analysis import ANALYSIS_PAGE, analysis_figures
+
+    section = Section("analysis", f"Best trial {data.best.number if data.best else ''}: inside the cube", intro=(
+        "What <code>cnn3d-analyze</code> shows, for the best trial's final weights, each beside the untrained cube "
+        "(same seed, initial weights) and, where one exists, a shuffled control, chance or the teacher (the ceiling). "
+        f"Computed once when the report was first written; the full page is the run's <code>{ANALYSIS_PAGE}</code> "
+        "artifact."))
+    if data.analysis is None:
+        section.items.append(Note(data.analysis_note or "No analysis of the best trial."))
+        return section
+    from cnn3d.analysis_page import emergence_table as analysis_emergence_table
+
+    section.items.append(Html(analysis_emergence_table(data.analysis.emergence)))
+    for title, fig in analysis_figures(data.analysis):
+        section.items.append(Html(f"<h3>{html.escape(title)}</h3>"))
+        section.items.append(fig)
     return section
 
 

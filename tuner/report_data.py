@@ -220,6 +220,7 @@ class BestTrial:
     examples: list[dict[str, Any]]
     lattice: LatticeView | None
     note: str = ""
+    run_id: str | None = None  # its MLflow run (the report's analysis views read its checkpoint there)
 
 
 @dataclass
@@ -258,6 +259,8 @@ class ReportData:
     directions: list[str] = field(default_factory=list)
     frozen_trials: list[FrozenTrial] = field(default_factory=list, repr=False)  # for optuna.visualization
     _light: optuna.Study | None = field(default=None, repr=False, compare=False)
+    analysis: Any = field(default=None, repr=False)  # the best trial's cnn3d.analyze.Analysis (tuner.report_analysis)
+    analysis_note: str = ""  # why there is no analysis, when write_report tried
 
     @property
     def complete(self) -> list[TrialRecord]:
@@ -513,7 +516,7 @@ def _best_trial(trial: FrozenTrial, data: ReportData, ui: _UiLinks, mlflow: _Mlf
         number=trial.number, values={o.metric: v for o, v in zip(data.objectives, trial.values or [])},
         params=dict(trial.params), metrics={k: v for k, v in (attrs.get("metrics") or {}).items() if _is_number(v)},
         config_diff=diff, run_url=ui.run(attrs.get("mlflow_run_id")), examples=examples, lattice=lattice,
-        note=" ".join(notes),
+        note=" ".join(notes), run_id=run_id,
     )
 
 

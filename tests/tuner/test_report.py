@@ -384,6 +384,8 @@ def require_chromium() -> str:
 @pytest.fixture(scope="module")
 def real_study(tmp_path_factory):
     """A tiny real sweep run by the tuner in-process (2 dropout values x 2 seeds), report written by the tuner."""
+    import cnn3d.analyze
+    import tuner.report_analysis as RA
     from tuner.run import ConfigurationTuner
     from tuner.spec import StudySpec
 
@@ -391,12 +393,16 @@ def real_study(tmp_path_factory):
     old_cwd, old_env = Path.cwd(), os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.chdir(tmp)  # the tuner writes studies/reports/ relative to the working directory
+    # the best trial's analysis at report time, sized for a test: few probing sentences and distractors
+    saved = RA.PROBE_SENTENCES, RA.DISTRACTORS, cnn3d.analyze.RIDGE_TRAIN
+    RA.PROBE_SENTENCES, RA.DISTRACTORS, cnn3d.analyze.RIDGE_TRAIN = 80, (20,), 64
     try:
         tuner = ConfigurationTuner(storage=f"sqlite:///{tmp}/s.db", tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db")
         summary = tuner.run_study(StudySpec(params=["transform.dropout"], trials=4, seeds=2, set={
             "train.main_epochs": 1, "data.max_sentences": 120, "lattice.size": 4, "lattice.steps": 4,
             "data.cache_dir": str(tmp / "cache")}))
     finally:
+        RA.PROBE_SENTENCES, RA.DISTRACTORS, cnn3d.analyze.RIDGE_TRAIN = saved
         os.chdir(old_cwd)
         if old_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
@@ -422,6 +428,34 @@ def test_tuner_writes_and_attaches_the_report(real_study):
     assert data.best.lattice is not None and data.best.examples
     assert all(len(t.history) == 1 for t in data.trials)
     assert not any({"history", "examples", "lattice_snapshot"} & set(t.user_attrs) for t in study.trials)
+
+
+@pytest.mark.slow
+def test_report_shows_the_best_trials_analysis_computed_once(real_study, tmp_path, monkeypatch):
+    """Trials attach their weights; the report analysed the best one once and attached the page and numbers to its run."""
+    from mlflow.tracking import MlflowClient
+
+    import tuner.report_analysis as RA
+
+    tmp, summary = real_study
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db")
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp}/s.db")
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    for trial in study.trials:  # every complete trial carries a loadable checkpoint
+        files = {a.path for a in client.list_artifacts(trial.user_attrs["mlflow_run_id"], "checkpoint")}
+        assert {"checkpoint/config.json", "checkpoint/model.safetensors"} <= files, files
+    assert {"analysis/analysis.json", "analysis/analysis.html"} <= {a.path for a in client.list_artifacts(best_run, "analysis")}
+    page = (tmp / summary.report_path).read_text()
+    assert "id=\"analysis\"" in page and page.count("id=\"fig-analysis-") == 7  # every view of cnn3d-analyze
+    for title in ("Probing tasks", "Information flow along depth", "Similarity matrices", "Decoding against bank size"):
+        assert title in page
+    # a second report reads the stored analysis back instead of analysing again
+    monkeypatch.setattr(RA, "_analyse", lambda *a, **k: pytest.fail("analysed the best trial twice"))
+    again = write_report(study, out=tmp_path / "again.html", mlflow_client=client)
+    assert again.read_text().count("id=\"fig-analysis-") == 7
+    # without MLflow the section says why it is missing
+    bare = write_report(study, out=tmp_path / "bare.html").read_text()
+    assert "needs its MLflow run" in bare and "id=\"fig-analysis-" not in bare
 
 
 @pytest.mark.slow
