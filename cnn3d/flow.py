@@ -8,23 +8,10 @@ lattice is deterministic, so the state after ``t`` of ``T`` steps is the final s
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from . import metrics as M
 from .lattice import cell_coords, chebyshev
-
-
-@contextmanager
-def _steps(model, steps: int):
-    """Temporarily run the lattice for ``steps`` steps."""
-    saved = model.steps
-    model.steps = steps
-    try:
-        yield
-    finally:
-        model.steps = saved
 
 
 @torch.no_grad()
@@ -46,18 +33,13 @@ def layer_representations(model, inputs: torch.Tensor, batch_size: int, device: 
 
 @torch.no_grad()
 def last_layer_by_step(model, inputs: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    """The back layer's state ``[n, C*H*W]`` after each step ``t = 1..T``."""
+    """The back layer's state ``[n, C*H*W]`` after each step ``t = 1..T`` (read from one run per batch)."""
     model.eval()
-    out = []
-    for t in range(1, model.steps + 1):
-        with _steps(model, t):
-            chunks = []
-            for start in range(0, inputs.shape[0], batch_size):
-                face = model.transform.to_face(inputs[start : start + batch_size].to(device))
-                state, _, _ = model.run_lattice(face)
-                chunks.append(state[:, :, -1].float().flatten(1).cpu())
-        out.append(torch.cat(chunks))
-    return out
+    per_step: list[list[torch.Tensor]] = [[] for _ in range(model.steps)]
+    for start in range(0, inputs.shape[0], batch_size):
+        face = model.transform.to_face(inputs[start : start + batch_size].to(device))
+        model.run_lattice(face, on_step=lambda t, state: per_step[t - 1].append(state[:, :, -1].float().flatten(1).cpu()))
+    return [torch.cat(chunks) for chunks in per_step]
 
 
 @torch.no_grad()
@@ -79,11 +61,13 @@ def light_cone(model, embedding: torch.Tensor, cell: tuple[int, int] | None = No
     moved[:, :, y, x] += epsilon
     coords = cell_coords((d, h, w))
     distance = chebyshev(coords, torch.tensor([0, y, x]), (d, h, w), periodic=False)  # [cells]
+    # one run per input (not one batch: a batch could round the untouched cells differently), every step kept
+    runs: list[dict[int, torch.Tensor]] = [{}, {}]
+    for states, start in zip(runs, (face, moved)):
+        model.run_lattice(start, on_step=lambda t, state, keep=states: keep.__setitem__(t, state.clone()))
     changed, bound = [], []
     for t in range(1, model.steps + 1):
-        with _steps(model, t):
-            a, _, _ = model.run_lattice(face)
-            b, _, _ = model.run_lattice(moved)
+        a, b = runs[0][t], runs[1][t]
         delta = (a - b).abs().amax(dim=1)[0].flatten()  # [cells]
         changed.append((delta > tolerance).double().mean().item())
         bound.append((distance <= t).double().mean().item())

@@ -85,8 +85,11 @@ class LatticeStudent(nn.Module):
             rows = torch.cat([rows[:, :1] + drive.unsqueeze(1), rows[:, 1:]], dim=1)
         return self.processor.step_rows(rows)
 
-    def run_lattice(self, face_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run_lattice(self, face_in: torch.Tensor, on_step=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``face_in [B, F, H, W]`` -> (final state, mean gates, mean |state|).
+
+        ``on_step(t, state)``, when given, sees the state ``[B, C, D, H, W]`` after every step
+        ``t = 1..steps`` (the analysis reads all steps from one run instead of one run per step).
 
         The state is ``[B, C, D, H, W]`` in channels-last memory (per-cell channel vectors
         contiguous, so pointwise maps are plain matmuls). With ``fused`` (the default) the
@@ -114,6 +117,8 @@ class LatticeStudent(nn.Module):
                 state, gates = step(state, step_drive)
             gate_sum = gates if gate_sum is None else gate_sum + gates
             activity = activity + state.abs().mean()
+            if on_step is not None:
+                on_step(t + 1, state.permute(0, 4, 1, 2, 3) if self.fused else state)
         if self.fused:
             state = state.permute(0, 4, 1, 2, 3)  # rows -> [B, C, D, H, W] (a channels-last view)
             gate_sum = None if gate_sum is None else gate_sum.permute(0, 4, 1, 2, 3)

@@ -34,3 +34,17 @@ def test_layers_and_steps_have_the_lattice_shapes():
     assert len(per_step) == 3 and model.steps == 3  # the step count is restored
     # the back layer z=4 is 4 hops from the front: after 3 steps a pure stencil has not reached it
     assert per_step[0].abs().max() == 0 and per_step[2].abs().max() == 0
+
+
+def test_steps_read_from_one_run_equal_runs_of_t_steps():
+    """The back layer after step t of one T-step run is the final back layer of a t-step run."""
+    model = build_model(with_overrides(preset("test"), {"lattice.size": 3, "lattice.steps": 4, "lattice.state_size": 4}), 16)
+    inputs = torch.randn(5, 16)
+    per_step = last_layer_by_step(model, inputs, 8, torch.device("cpu"))
+    saved = model.steps
+    for t in range(1, saved + 1):
+        model.steps = t
+        with torch.no_grad():
+            state, _, _ = model.run_lattice(model.transform.to_face(inputs))
+        assert torch.allclose(per_step[t - 1], state[:, :, -1].flatten(1), atol=1e-6), t
+    model.steps = saved
