@@ -72,6 +72,7 @@ def _fmt(x: Any) -> str:
 
 
 def emergence_table(m: dict[str, float]) -> str:
+    """HTML table of every emergence metric: raw, both nulls, excess ± bootstrap std and a verdict."""
     rows = []
     for name in EMERGENCE_NAMES:
         if name not in m:
