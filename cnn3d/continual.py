@@ -296,18 +296,17 @@ def freeze_groups(model: LatticeStudent, names: Sequence[str], keep: Sequence[st
             p.requires_grad_(False)
 
 
-def _added_experts(config: Config, stage: int) -> list[str]:
-    """Names of the experts ``continual.new_expert`` has added by the start of ``stage`` (0-based)."""
-    if not config.continual.new_expert:
-        return []
-    base = sum(expert_kind(n) == "local" for n in config.moe.experts)
-    return [f"local{base + i}" for i in range(1, stage + 1)]
-
-
 def stage_model_config(config: Config, stage: int) -> Config:
-    """The config describing the model during ``stage`` (0-based): the run's, plus any added experts."""
-    added = _added_experts(config, stage)
-    return with_overrides(config, {"moe.experts": (*config.moe.experts, *added)}) if added else config
+    """The config describing the model during ``stage`` (0-based): the run's, plus the experts added by then.
+
+    Under ``continual.new_expert`` the copies ``local2``, ``local3``, ... are the run's to add, so any
+    already in ``moe.experts`` (a checkpoint's ``config.json`` passed back) are dropped first.
+    """
+    if not config.continual.new_expert:
+        return config
+    base = tuple(n for n in config.moe.experts if n == "local" or expert_kind(n) != "local")
+    experts = (*base, *(f"local{i}" for i in range(2, stage + 2)))
+    return config if experts == config.moe.experts else with_overrides(config, {"moe.experts": experts})
 
 
 def add_expert(model: LatticeStudent, config: Config, device: torch.device) -> tuple[LatticeStudent, Config, int]:
@@ -421,8 +420,8 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
     labels = [d.label for d in domains]
     union = merge_data([d.data for d in domains])
     stages = [union] if c.joint else [d.data for d in domains]
-    model_config = config  # describes the model: grows with every added expert
-    model = build_model(config, union.teacher_dim).to(device)
+    model_config = stage_model_config(config, 0)  # describes the model: grows with every added expert
+    model = build_model(model_config, union.teacher_dim).to(device)
     dtype = autocast_dtype(config.train.precision, device)
     generator = torch.Generator().manual_seed(config.train.seed)
     remedy_generator = torch.Generator().manual_seed(config.train.seed + 1)

@@ -297,7 +297,10 @@ def test_interrupted_progressive_run_resumes_to_the_same_result(progressive, tmp
     frozen = {k: v.clone() for k, v in probe.state_dict().items()}
     with pytest.raises(UserError, match=r"differs in continual.new_expert \(True in the checkpoint, False now\)"):
         run_continual(with_overrides(config, {"continual.new_expert": False}), domains=domains, resume_from=out)
-    resumed = run_continual(config, domains=domains, out_dir=out, resume_from=out)
+    # after the expert joined, resume as `--config ckpt/config.json` would: moe.experts already lists local2
+    again = saved.config if stop_after == 3 else config
+    assert again.moe.experts[-1] == ("local2" if stop_after == 3 else "distant")
+    resumed = run_continual(again, domains=domains, out_dir=out, resume_from=out)
     assert [h["epoch"] for h in resumed.history] == list(range(stop_after + 1, 5))
     for key in ("cl_matrix/1/science", "cl_matrix/2/science", "cl_matrix/2/dialogue", "forgetting", "val_cosine"):
         assert resumed.metrics[key] == pytest.approx(straight.metrics[key], abs=1e-5), key
