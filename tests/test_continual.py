@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from cnn3d import preset, with_overrides
+from cnn3d.checkpoint import load_weights, open_checkpoint
 from cnn3d.cli import train_cli
 from cnn3d.config import ConfigError
-from cnn3d.checkpoint import load_weights, open_checkpoint
 from cnn3d.continual import (
     EWC,
     ReplayBatches,
