@@ -250,6 +250,11 @@ class ContinualConfig:
         (), "Parameter groups frozen after the first stage: any of transform, gating, local, functional, distant.", tune=False
     )
     joint: bool = param(False, "Train on all data.domains at once (the upper bound) instead of in sequence.", tune=False)
+    baselines: bool = param(
+        False, "Also train naive sequential, joint and single-domain students on the same domains in this run and "
+        "report them beside it (cl_naive/*, cl_joint/*, cl_single/*, cl_plasticity; several times the training time).",
+        tune=False,
+    )
     new_expert: bool = param(
         False, "Progressive experts: at every later stage add a copy of the local expert (named local2, local3, ...) "
         "that splits the local expert's gate share, so the cube's output is unchanged when it joins.",

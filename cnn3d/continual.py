@@ -502,6 +502,8 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
                     cl_metrics["cl_fisher_seconds"] = ewc.seconds if ewc else 0.0
                     cl_metrics["cl_replay_bytes"] = float(replay.nbytes) if replay else 0.0
                     cl_metrics["cl_replay_rows"] = float(len(replay.rows)) if replay else 0.0
+                    if c.baselines:
+                        cl_metrics.update(_baselines_in_run(config, device, domains, matrix, cl_metrics))
                     metrics.update({**evaluation["metrics"], **baselines(union, config), **cl_metrics})
             metrics["epoch_seconds"] = time.perf_counter() - epoch_start
             metrics["peak_memory_mb"] = _memory_metric(device, loop.cpu_peak)
@@ -520,6 +522,47 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
             epoch += 1
     seconds = time.perf_counter() - started
     return TrainResult(history[-1], history, examples, config, model, seconds, Path(out_dir) if out_dir else None)
+
+
+_NO_REMEDY = {"continual.ewc_lambda": 0.0, "continual.replay_size": 0, "continual.freeze": (),
+              "continual.new_expert": False, "continual.joint": False, "continual.baselines": False}
+
+
+def _baselines_in_run(config: Config, device: torch.device, domains: list[Domain], matrix: list[list[float]],
+                      this: dict[str, float]) -> dict[str, float]:
+    """``continual.baselines``: naive sequential, joint and single-domain students on the same data and seed.
+
+    ``cl_plasticity`` = mean over later domains of ``A[d][d]`` / a single-domain run on ``d``;
+    ``cl_forgetting_cut`` = ``1 - forgetting / naive forgetting`` (NaN when naive forgets nothing).
+    A run that is itself naive (or joint) is its own baseline and is not trained twice.
+    """
+    from .train import train
+
+    c = config.continual
+    labels = [d.label for d in domains]
+    out: dict[str, float] = {}
+    plain = with_overrides(config, _NO_REMEDY)
+    remedied = (c.ewc_lambda > 0 or (c.replay_size > 0 and c.replay_fraction > 0) or bool(c.freeze)
+                or c.new_expert)
+    for name, variant in (("naive", plain), ("joint", with_overrides(plain, {"continual.joint": True}))):
+        is_this = (name == "joint") == c.joint and not remedied
+        m = this if is_this else run_continual(variant, device=device, domains=domains).metrics
+        for key in ("avg_final_cosine", "forgetting", "last_domain_cosine"):
+            out[f"cl_{name}/{key}"] = m[key]
+    ratios = []
+    for d, domain in enumerate(domains[1:], start=1):
+        single = train(with_overrides(plain, {"data.domains": ()}), device=device, progress=False, data=domain.data)
+        out[f"cl_single/{domain.label}"] = single.metrics["val_cosine"]
+        if not c.joint:
+            ratios.append(matrix[d][d] / single.metrics["val_cosine"])
+    out["cl_plasticity"] = sum(ratios) / len(ratios) if ratios else float("nan")
+    naive = out["cl_naive/forgetting"]
+    out["cl_forgetting_cut"] = 1 - this["forgetting"] / naive if naive > 0 else float("nan")
+    logger.info("baselines in this run: naive forgetting %.4f (this run %.4f), joint avg_final %.4f (this run %.4f), "
+                "plasticity %.3f (%s)", naive, this["forgetting"], out["cl_joint/avg_final_cosine"],
+                this["avg_final_cosine"], out["cl_plasticity"],
+                ", ".join(f"single {lab} {out[f'cl_single/{lab}']:.4f}" for lab in labels[1:]))
+    return out
 
 
 def _stage_of(plans: list[list[str]], epochs_done: int) -> int:
