@@ -491,6 +491,9 @@ def validate_continual(config: Config) -> None:
     if bad or len(set(config.continual.freeze)) != len(config.continual.freeze):
         raise ConfigError(f"continual.freeze={','.join(config.continual.freeze)} must be distinct names from "
                           f"{', '.join(CONTINUAL_FREEZABLE)}")
+    if len(domains) >= 2 and grow_stages(config.train.grow_schedule):
+        raise ConfigError(f"train.grow_schedule={config.train.grow_schedule} is not supported over data.domains; "
+                          "set train.grow_schedule=none (or grow in a single-corpus run and pass it as train.init_from)")
     groups = {"transform", "gating", *config.moe.experts}
     if not config.continual.new_expert and groups <= set(config.continual.freeze):
         raise ConfigError(f"continual.freeze={','.join(config.continual.freeze)} freezes every parameter group after "

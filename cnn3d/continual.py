@@ -89,6 +89,7 @@ from .train import (
     evaluate,
     prepare_data,
 )
+from .transfer import initial_student, precheck
 
 __all__ = ["EWC", "Domain", "ReplayBatches", "ReplayBuffer", "add_expert", "continual_summary", "freeze_groups",
            "prepare_domains", "run_continual", "stage_model_config", "train_continual"]
@@ -415,13 +416,16 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
     c = config.continual
     plans = [_stage_plan(config, s) for s in range(1 if c.joint else len(config.data.domains))]
     resume = _open_continual_resume(resume_from, config, plans) if resume_from is not None else None
+    if resume is None:  # a bad train.init_from fails before any teacher pass
+        precheck(stage_model_config(config, 0))
     started = time.perf_counter()
     domains = domains or prepare_domains(config, device, progress=show)
     labels = [d.label for d in domains]
     union = merge_data([d.data for d in domains])
     stages = [union] if c.joint else [d.data for d in domains]
     model_config = stage_model_config(config, 0)  # describes the model: grows with every added expert
-    model = build_model(model_config, union.teacher_dim).to(device)
+    # train.init_from fills the first stage's student from a trained checkpoint (any cube size)
+    model, transfer_meta = initial_student(model_config, union.teacher_dim, device)
     dtype = autocast_dtype(config.train.precision, device)
     generator = torch.Generator().manual_seed(config.train.seed)
     remedy_generator = torch.Generator().manual_seed(config.train.seed + 1)
@@ -511,7 +515,7 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
             _log_epoch(metrics, phase, total_epochs)
             if out_dir is not None:
                 meta = {"teacher_dim": union.teacher_dim, "epochs_done": epoch + 1, "step": loop.step,
-                        "metrics": metrics, "continual": {"matrix": matrix, "fisher_seconds": ewc.seconds if ewc else 0.0}}
+                        "metrics": metrics, **transfer_meta, "continual": {"matrix": matrix, "fisher_seconds": ewc.seconds if ewc else 0.0}}
                 state = {**(ewc.state() if ewc else {}), **(replay.state() if replay else {}),
                          "rng.order": generator.get_state(), "rng.remedy": remedy_generator.get_state(),
                          "rng.torch": torch.get_rng_state()}

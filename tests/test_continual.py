@@ -75,6 +75,8 @@ def test_builtin_domain_is_a_corpus_spec_and_unknown_names_fail():
     ({"continual.new_expert": True, "moe.experts": "functional,distant"}, "add local to moe.experts"),
     ({"continual.new_expert": True, "moe.gating": "topk", "moe.top_k": 2}, "needs moe.gating=softmax"),
     ({"moe.experts": "local,local1"}, "local2, local3, ... as added by continual.new_expert"),
+    ({"data.domains": "builtin:news,builtin:dialogue", "train.grow_schedule": "4x1", "train.main_epochs": 3},
+     "not supported over data.domains"),
 ])
 def test_bad_continual_config_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -220,6 +222,8 @@ def test_then_corpus_cli_writes_the_matrix_to_the_metrics_json(tmp_path, warm_ca
      "out of range [0.0, 1.0]"),
     (["--corpus", "builtin:science", "--then-corpus", "builtin:sport"], "unknown built-in domain"),
     (["--corpus", "builtin:science", "--then-corpus", "builtin:science"], "twice"),
+    (["--corpus", "builtin:science", "--then-corpus", "builtin:dialogue", "--set", "continual.new_expert=true",
+      "--set", "continual.joint=true"], "drop one of the two"),
 ])
 def test_bad_domain_input_is_one_line_exit_2(tmp_path, args, message):
     """In process: each fails before any teacher pass."""
@@ -318,3 +322,15 @@ def test_interrupted_progressive_run_resumes_to_the_same_result(progressive, tmp
         assert torch.equal(final["processor.gate.weight"], frozen["processor.gate.weight"])
         assert not torch.equal(final["processor.experts.local2.stencil.weight"],
                                frozen["processor.experts.local2.stencil.weight"])
+
+
+def test_init_from_starts_the_first_stage_from_a_trained_student(tiny, progressive, tmp_path):
+    config, domains = tiny
+    source = run_continual(config, domains=domains, out_dir=tmp_path / "source")
+    started = run_continual(with_overrides(config, {"train.init_from": str(tmp_path / "source")}), domains=domains,
+                            out_dir=tmp_path / "next")
+    assert "transfer" in open_checkpoint(tmp_path / "next").meta
+    # one more stage-1 epoch on top of the trained student, not a fresh one
+    assert started.metrics["cl_matrix/1/science"] != source.metrics["cl_matrix/1/science"]
+    with pytest.raises(UserError, match="cannot transfer .* moe.experts"):  # before any training
+        run_continual(with_overrides(config, {"train.init_from": str(progressive[3])}), domains=domains)
