@@ -38,7 +38,9 @@ the matrix (stages and domains 1-based, ``S`` stages, domain ``d`` learned in st
 * ``last_domain_cosine = A[S][S]``.
 
 The usual metrics (``val_cosine``, decoding, emergence, baselines) of the final epoch
-are measured on the union of all domains' validation splits.
+are measured on the union of all domains' validation splits. With ``continual.baselines``
+the run also trains naive sequential, joint and single-domain students on the same data
+and reports them (``cl_naive/*``, ``cl_joint/*``, ``cl_single/*``, ``cl_plasticity``).
 """
 
 from __future__ import annotations
