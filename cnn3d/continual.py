@@ -555,6 +555,8 @@ def _baselines_in_run(config: Config, device: torch.device, domains: list[Domain
         m = this if is_this else run_continual(variant, device=device, domains=domains).metrics
         for key in ("avg_final_cosine", "forgetting", "last_domain_cosine"):
             out[f"cl_{name}/{key}"] = m[key]
+        if name == "joint":  # the upper bound per domain
+            out.update({f"cl_joint/{lab}": m[f"cl_matrix/joint/{lab}"] for lab in labels})
     ratios = []
     for d, domain in enumerate(domains[1:], start=1):
         single = train(with_overrides(plain, {"data.domains": ()}), device=device, progress=False, data=domain.data)

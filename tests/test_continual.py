@@ -187,13 +187,13 @@ def test_sequence_reports_the_matrix_beside_ceilings_and_remedies_change_it(tiny
     assert remedied["cl_matrix/1/science"] == m["cl_matrix/1/science"]
     assert remedied["cl_matrix/2/science"] != m["cl_matrix/2/science"]
     assert remedied["cl_fisher_seconds"] > 0 and remedied["cl_replay_bytes"] == 16 * 384 * 4
-    joint = run_continual(with_overrides(config, {"continual.joint": True}), domains=domains).metrics
-    assert "cl_matrix/joint/science" in joint and joint["forgetting"] == 0.0
-    # continual.baselines: naive (this run itself), joint and a single-domain run, trained in the same run
+    # continual.baselines: naive (this run itself), joint (one stage on both) and a single-domain run, in the same run
     assert m["cl_naive/forgetting"] == m["forgetting"]
     cut = 0.0 if m["forgetting"] > 0 else float("nan")  # undefined when naive forgets nothing
     assert m["cl_forgetting_cut"] == pytest.approx(cut, nan_ok=True)
-    assert m["cl_joint/avg_final_cosine"] == pytest.approx(joint["avg_final_cosine"], abs=1e-6)
+    assert m["cl_joint/forgetting"] == 0.0 and -1 < m["cl_joint/avg_final_cosine"] < 1
+    assert m["cl_joint/avg_final_cosine"] == pytest.approx((m["cl_joint/science"] + m["cl_joint/dialogue"]) / 2)
+    assert m["cl_joint/avg_final_cosine"] != m["avg_final_cosine"]
     assert m["cl_plasticity"] == pytest.approx(m["cl_matrix/2/dialogue"] / m["cl_single/dialogue"])
     assert "cl_single/science" not in m  # the first domain has nothing before it
 
