@@ -588,7 +588,7 @@ def _open_continual_resume(folder, config: Config, plans: list[list[str]]) -> Ch
     total = sum(len(p) for p in plans)
     if ckpt.epochs_done >= total:
         raise CheckpointError(f"checkpoint {ckpt.folder} has already done {ckpt.epochs_done} of the {total} epochs "
-                              "of this domain sequence; raise train.main_epochs to continue training")
+                              "of this domain sequence; nothing is left to resume, train into a new --out")
     if ckpt.epochs_done < 1:
         raise CheckpointError(f"checkpoint {ckpt.folder} has no epoch done; start the run again without --resume")
     saved, now = flatten(ckpt.config), flatten(stage_model_config(config, _stage_of(plans, ckpt.epochs_done)))
