@@ -592,14 +592,17 @@ def _open_continual_resume(folder, config: Config, plans: list[list[str]]) -> Ch
     if ckpt.epochs_done < 1:
         raise CheckpointError(f"checkpoint {ckpt.folder} has no epoch done; start the run again without --resume")
     saved, now = flatten(ckpt.config), flatten(stage_model_config(config, _stage_of(plans, ckpt.epochs_done)))
-    fixed = sorted(k for k, v in now.items() if saved[k] != v and k not in _FREE_KEYS and (
+    differing = sorted(k for k, v in now.items() if saved[k] != v)
+    fixed = [k for k in differing if k not in _FREE_KEYS and (
         k.split(".", 1)[0] in _MODEL_SECTIONS or k in _MODEL_KEYS
-        or k in ("data.domains", "continual.joint", "continual.new_expert")))
+        or k in ("data.domains", "continual.joint", "continual.new_expert"))]
     if fixed:
         shown = ", ".join(f"{k} ({saved[k]!r} in the checkpoint, {now[k]!r} now)" for k in fixed[:3])
         more = f" and {len(fixed) - 3} more" if len(fixed) > 3 else ""
         raise CheckpointError(f"cannot resume from {ckpt.folder}: the run differs in {shown}{more}; "
                               f"pass the same settings (e.g. --config {ckpt.folder / 'config.json'}) or train into a new --out")
+    if differing:
+        logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
     return ckpt
 
 
