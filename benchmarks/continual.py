@@ -5,7 +5,8 @@
 Every variant starts from the same seed and weights and sees the same domains, embedded
 once. ``naive`` trains on the domains in sequence with no remedy (the lower bound),
 ``joint`` trains on all of them at once for as many epochs (the upper bound), and each
-remedy changes one ``continual.*`` setting of naive. ``single:<domain>`` runs train on one
+remedy changes one ``continual.*`` setting of naive (``progressive``: ``new_expert`` with
+the old experts and the gate frozen; ``new_expert``: the added expert alone). ``single:<domain>`` runs train on one
 later domain alone, for plasticity: a variant's quality on a domain right after learning
 it, over the single-domain run's. Every figure is printed beside each domain's PCA
 ceiling and mean-vector null fitted on that domain's training split.
@@ -37,6 +38,9 @@ def variants(args) -> dict[str, dict[str, object]]:
         "replay": {"continual.replay_size": args.replay_size, "continual.replay_fraction": args.replay_fraction},
         "freeze": {"continual.freeze": args.freeze},
         "joint": {"continual.joint": True},
+        # progressive experts: a copy of the local expert per later stage, old experts and gate frozen
+        "progressive": {"continual.new_expert": True, "continual.freeze": args.progressive_freeze},
+        "new_expert": {"continual.new_expert": True},
     }
 
 
@@ -50,6 +54,8 @@ def main() -> None:
     parser.add_argument("--replay-size", type=int, default=64)
     parser.add_argument("--replay-fraction", type=float, default=0.25)
     parser.add_argument("--freeze", default="transform")
+    parser.add_argument("--progressive-freeze", default="gating,local,functional,distant",
+                        help="continual.freeze of the progressive variant (the added expert always trains)")
     parser.add_argument("--only", default="", help="comma-separated subset of variants to run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="", help="also write every variant's figures to this file")
@@ -71,7 +77,7 @@ def main() -> None:
         result = run_continual(with_overrides(config, overrides), device=device, domains=domains)
         results[name] = {**result.metrics, "wall_seconds": time.perf_counter() - start}
         m = results[name]
-        print(f"  {name:7} done in {m['wall_seconds']:.0f} s: avg_final {m['avg_final_cosine']:.4f} forgetting "
+        print(f"  {name:11} done in {m['wall_seconds']:.0f} s: avg_final {m['avg_final_cosine']:.4f} forgetting "
               f"{m['forgetting']:.4f} last {m['last_domain_cosine']:.4f} | " + ", ".join(
                   f"{k.removeprefix('cl_matrix/')} {v:.4f}" for k, v in m.items() if k.startswith("cl_matrix/")),
               flush=True)
@@ -93,7 +99,7 @@ def report(results: dict[str, dict[str, float]], singles: dict[str, float], labe
     any_result = next(iter(results.values()))
     print("ceilings (PCA through the face) / nulls (mean vector), per domain: " + ", ".join(
         f"{lab} {any_result[f'cl_pca/{lab}']:.4f} / {any_result[f'cl_mean/{lab}']:.4f}" for lab in labels))
-    head = f"{'variant':8} {'avg_final':>9} {'forgetting':>10} {'new_dom':>8} {'last_dom':>8} {'plastic':>7} " + \
+    head = f"{'variant':11} {'avg_final':>9} {'forgetting':>10} {'new_dom':>8} {'last_dom':>8} {'plastic':>7} " + \
         " ".join(f"{'final:' + lab:>14}" for lab in labels) + f" {'fisher_s':>8} {'replay_B':>9} {'wall_s':>7}"
     print(head)
     for name, m in results.items():
@@ -101,7 +107,7 @@ def report(results: dict[str, dict[str, float]], singles: dict[str, float], labe
         plastic = [m[f"cl_matrix/{i + 1}/{lab}"] / singles[lab] for i, lab in enumerate(labels) if lab in singles
                    and f"cl_matrix/{i + 1}/{lab}" in m]
         plasticity = f"{sum(plastic) / len(plastic):7.3f}" if plastic else f"{'-':>7}"
-        print(f"{name:8} {m['avg_final_cosine']:9.4f} {m['forgetting']:10.4f} {m['new_domain_cosine']:8.4f} "
+        print(f"{name:11} {m['avg_final_cosine']:9.4f} {m['forgetting']:10.4f} {m['new_domain_cosine']:8.4f} "
               f"{m['last_domain_cosine']:8.4f} {plasticity} "
               + " ".join(f"{m[f'cl_matrix/{last}/{lab}']:14.4f}" for lab in labels)
               + f" {m['cl_fisher_seconds']:8.2f} {m['cl_replay_bytes']:9.0f} {m['wall_seconds']:7.0f}")
@@ -116,7 +122,7 @@ def report(results: dict[str, dict[str, float]], singles: dict[str, float], labe
         cut = 1 - m["forgetting"] / naive["forgetting"] if naive["forgetting"] > 0 else float("nan")
         last_ratio = m["last_domain_cosine"] / naive["last_domain_cosine"]
         hit = cut >= 0.5 and last_ratio >= 0.95
-        print(f"target {name:7}: forgetting cut {cut:+.1%} vs naive (need >= 50%), last domain {last_ratio:.3f} "
+        print(f"target {name:11}: forgetting cut {cut:+.1%} vs naive (need >= 50%), last domain {last_ratio:.3f} "
               f"of naive (need >= 0.95) -> {'MET' if hit else 'not met'}")
 
 

@@ -5,6 +5,7 @@ A checkpoint folder holds:
 - ``optimizer.safetensors`` + ``optimizer.json``: AdamW tensors and their structure, for resuming;
 - ``config.json``: the config in the dotted vocabulary's nested form;
 - ``meta.json``: teacher dimension, epochs done, optimiser steps, the final metrics;
+- ``state.safetensors`` (optional): other tensors a resume needs (a continual run's EWC and replay state);
 - ``checksums.json``: the sha256 of every other file, checked on every load.
 
 Written as one unit: ``save_checkpoint`` fills a temporary folder beside the target
@@ -44,6 +45,7 @@ __all__ = [
     "check_output_file",
     "check_output_folder",
     "load_optimizer",
+    "load_state",
     "load_weights",
     "open_checkpoint",
     "read_checkpoint_meta",
@@ -59,6 +61,7 @@ OPTIMIZER_META = "optimizer.json"
 META = "meta.json"
 CONFIG = "config.json"
 CHECKSUMS = "checksums.json"
+STATE = "state.safetensors"
 REQUIRED = (WEIGHTS, CONFIG, META)
 
 
@@ -196,7 +199,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _checkpoint_files(model, config, meta, optimizer) -> dict[str, bytes]:
+def _checkpoint_files(model, config, meta, optimizer, state=None) -> dict[str, bytes]:
     """Every file of the checkpoint as bytes, ``checksums.json`` last."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     files = {WEIGHTS: save_safetensors(weights)}
@@ -204,6 +207,8 @@ def _checkpoint_files(model, config, meta, optimizer) -> dict[str, bytes]:
         tensors, structure = _optimizer_tensors(optimizer)
         files[OPTIMIZER] = save_safetensors(tensors)
         files[OPTIMIZER_META] = strict_json(structure).encode()
+    if state is not None:
+        files[STATE] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
     files[CONFIG] = (json.dumps(to_dict(config), indent=2, allow_nan=False) + "\n").encode()
     files[META] = strict_json(meta).encode()
     sums = {"format": 1, "sha256": {name: _sha256(data) for name, data in files.items()}}
@@ -232,14 +237,17 @@ def save_checkpoint(
     config: Config,
     meta: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder as one unit (see the module docstring); returns the folder.
+
+    ``state``: further named tensors a resume needs, kept in ``state.safetensors``.
 
     A write error (full disk, lost permission) raises ``CheckpointError`` and leaves the previous
     complete checkpoint in place.
     """
     target = _target(folder)
-    files = _checkpoint_files(model, config, meta, optimizer)
+    files = _checkpoint_files(model, config, meta, optimizer, state)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -314,7 +322,7 @@ def _read_files(folder: Path) -> dict[str, bytes]:
         raise CheckpointError(
             f"{folder} is not a cnn3d checkpoint (missing {', '.join(missing)}); pass a cnn3d-train --out folder"
         )
-    names = [n for n in (WEIGHTS, OPTIMIZER, OPTIMIZER_META, CONFIG, META, CHECKSUMS) if (folder / n).is_file()]
+    names = [n for n in (WEIGHTS, OPTIMIZER, OPTIMIZER_META, CONFIG, META, CHECKSUMS, STATE) if (folder / n).is_file()]
     try:
         files = {name: (folder / name).read_bytes() for name in names}
     except OSError as exc:
@@ -438,3 +446,9 @@ def load_optimizer(source: str | Path | Checkpoint, optimizer: torch.optim.Optim
             f"checkpoint {ckpt.folder}: the optimizer state does not fit this run ({_first_line(exc)[:200]})"
         ) from None
     return True
+
+
+def load_state(source: str | Path | Checkpoint) -> dict[str, torch.Tensor]:
+    """The tensors of ``state.safetensors`` (on the CPU); empty if the checkpoint has none."""
+    ckpt = _as_checkpoint(source)
+    return _tensors(ckpt, STATE, "cpu") if STATE in ckpt.files else {}

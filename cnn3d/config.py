@@ -250,6 +250,15 @@ class ContinualConfig:
         (), "Parameter groups frozen after the first stage: any of transform, gating, local, functional, distant.", tune=False
     )
     joint: bool = param(False, "Train on all data.domains at once (the upper bound) instead of in sequence.", tune=False)
+    baselines: bool = param(
+        False, "Also train naive sequential, joint and single-domain students on the same domains in this run and "
+        "report them beside it (cl_naive/*, cl_joint/*, cl_single/*, cl_plasticity; several times the training time).",
+        tune=False,
+    )
+    new_expert: bool = param(
+        False, "Progressive experts: at every later stage add a copy of the local expert (named local2, local3, ...) "
+        "that splits the local expert's gate share, so the cube's output is unchanged when it joins.",
+    )
 
 
 SECTIONS = {
@@ -418,10 +427,11 @@ def validate(config: Config) -> None:
     flat = flatten(config)
     for key, spec in field_specs().items():
         check_value(spec, flat[key])
-    unknown = [e for e in config.moe.experts if e not in EXPERT_NAMES]
+    unknown = [e for e in config.moe.experts if e not in EXPERT_NAMES and not _is_added_expert(e)]
     if unknown or not config.moe.experts or len(set(config.moe.experts)) != len(config.moe.experts):
         raise ConfigError(
-            f"moe.experts={','.join(config.moe.experts)!s} must be distinct names from {', '.join(EXPERT_NAMES)}"
+            f"moe.experts={','.join(config.moe.experts)!s} must be distinct names from {', '.join(EXPERT_NAMES)} "
+            "(or local2, local3, ... as added by continual.new_expert)"
         )
     if config.moe.gating == "topk" and config.moe.top_k > len(config.moe.experts):
         raise ConfigError(f"moe.top_k={config.moe.top_k} exceeds the {len(config.moe.experts)} experts in moe.experts")
@@ -481,6 +491,28 @@ def validate_continual(config: Config) -> None:
     if bad or len(set(config.continual.freeze)) != len(config.continual.freeze):
         raise ConfigError(f"continual.freeze={','.join(config.continual.freeze)} must be distinct names from "
                           f"{', '.join(CONTINUAL_FREEZABLE)}")
+    if len(domains) >= 2 and grow_stages(config.train.grow_schedule):
+        raise ConfigError(f"train.grow_schedule={config.train.grow_schedule} is not supported over data.domains; "
+                          "set train.grow_schedule=none (or grow in a single-corpus run and pass it as train.init_from)")
+    groups = {"transform", "gating", *config.moe.experts}
+    if not config.continual.new_expert and groups <= set(config.continual.freeze):
+        raise ConfigError(f"continual.freeze={','.join(config.continual.freeze)} freezes every parameter group after "
+                          "the first stage; leave one trainable (or add continual.new_expert=true)")
+    if config.continual.new_expert:
+        if config.continual.joint:
+            raise ConfigError("continual.new_expert=true adds an expert per later stage, but continual.joint=true "
+                              "trains one stage; drop one of the two")
+        if "local" not in config.moe.experts:
+            raise ConfigError(f"continual.new_expert=true copies the local expert, but moe.experts="
+                              f"{','.join(config.moe.experts)} has none; add local to moe.experts")
+        if config.moe.gating == "topk":
+            raise ConfigError("continual.new_expert=true needs moe.gating=softmax (splitting a gate share is exact "
+                              "only under softmax; top-k would change which experts are picked)")
+
+
+def _is_added_expert(name: str) -> bool:
+    """``local2``, ``local3``, ...: a copy of the local expert added for a later stage (``continual.new_expert``)."""
+    return name.startswith("local") and name[5:].isdigit() and int(name[5:]) >= 2 and not name[5:].startswith("0")
 
 
 # --------------------------------------------------------------------------- dotted vocabulary

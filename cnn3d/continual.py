@@ -17,6 +17,13 @@ fresh optimiser and learning-rate schedule. Remedies (``continual.*``, combinabl
   every batch are drawn from the buffer in place of the same number of new rows.
 * **Freezing** (``freeze``): the named parameter groups (``transform``, ``gating``,
   ``local``, ``functional``, ``distant``) stop training after the first stage.
+* **Progressive experts** (``new_expert``): every later stage adds a copy of the newest
+  local expert (``local2``, ``local3``, ...) and splits that expert's gate logit in two,
+  ``b -> b - T log 2`` for both rows (``T`` the gate temperature), so the softmax gives
+  each half the old share and the cube's output is exactly what it was. ``freeze``
+  names a kind (``local`` covers ``local`` and earlier copies) and never the expert
+  added for the current stage, so ``freeze=gating,local,functional,distant`` trains
+  only the new expert and the transforms, the progressive-networks recipe.
 * **Joint** (``joint``): one stage on all domains at once, the upper bound.
 
 After every stage each domain's validation split is scored: the matrix
@@ -31,7 +38,9 @@ the matrix (stages and domains 1-based, ``S`` stages, domain ``d`` learned in st
 * ``last_domain_cosine = A[S][S]``.
 
 The usual metrics (``val_cosine``, decoding, emergence, baselines) of the final epoch
-are measured on the union of all domains' validation splits.
+are measured on the union of all domains' validation splits. With ``continual.baselines``
+the run also trains naive sequential, joint and single-domain students on the same data
+and reports them (``cl_naive/*``, ``cl_joint/*``, ``cl_single/*``, ``cl_plasticity``).
 """
 
 from __future__ import annotations
@@ -46,16 +55,28 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
-from .checkpoint import save_checkpoint
-from .config import Config, with_overrides
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_optimizer,
+    load_state,
+    load_weights,
+    open_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, flatten, with_overrides
 from .data import load_corpus
 from .decode import PhraseBank
 from .device import autocast, autocast_dtype, resolve_device
 from .domains import domain_label
 from .errors import UserError
+from .experts import expert_kind
 from .losses import total_loss
 from .model import LatticeStudent, build_model
 from .train import (
+    _FREE_KEYS,
+    _MODEL_KEYS,
+    _MODEL_SECTIONS,
     EpochReport,
     TrainingData,
     TrainResult,
@@ -70,9 +91,10 @@ from .train import (
     evaluate,
     prepare_data,
 )
+from .transfer import initial_student, precheck
 
-__all__ = ["EWC", "Domain", "ReplayBatches", "ReplayBuffer", "continual_summary", "freeze_groups", "prepare_domains",
-           "run_continual", "train_continual"]
+__all__ = ["EWC", "Domain", "ReplayBatches", "ReplayBuffer", "add_expert", "continual_summary", "freeze_groups",
+           "prepare_domains", "run_continual", "stage_model_config", "train_continual"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,20 +155,20 @@ def merge_data(parts: Sequence[TrainingData]) -> TrainingData:
 
 
 class EWC:
-    """Online elastic weight consolidation with a diagonal, mean-normalised Fisher."""
+    """Online elastic weight consolidation with a diagonal, mean-normalised Fisher, kept by parameter name."""
 
     def __init__(self, lam: float):
         self.lam = lam
-        self.fisher: list[torch.Tensor] | None = None  # one per model parameter, same shapes
-        self.anchor: list[torch.Tensor] | None = None
+        self.fisher: dict[str, torch.Tensor] | None = None  # parameter name -> tensor of its shape
+        self.anchor: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0
 
     def consolidate(self, model: LatticeStudent, train: torch.Tensor, config: Config, device: torch.device,
                     dtype, samples: int, generator: torch.Generator) -> None:
         """Estimate the Fisher on up to ``samples`` rows of ``train`` [N, T], add it, and anchor the weights."""
         start = time.perf_counter()
-        params = list(model.parameters())
-        fisher = [torch.zeros_like(p) for p in params]
+        params = dict(model.named_parameters())
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         rows = torch.randperm(len(train), generator=generator)[: samples or len(train)]
         model.eval()  # no dropout noise in the estimate
         for begin in range(0, len(rows), config.train.batch_size):
@@ -156,23 +178,51 @@ class EWC:
                 out = model(target)
             loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
             loss.backward()
-            for f, p in zip(fisher, params):
+            for n, p in params.items():
                 if p.grad is not None:
-                    f += p.grad.detach().float() ** 2 * len(target)
+                    fisher[n] += p.grad.detach().float() ** 2 * len(target)
         model.zero_grad(set_to_none=True)
-        total = sum(f.sum() for f in fisher)
-        count = sum(f.numel() for f in fisher)
+        total = sum(f.sum() for f in fisher.values())
+        count = sum(f.numel() for f in fisher.values())
         scale = count / total.clamp_min(1e-30)  # mean 1 over every parameter
-        fisher = [f * scale for f in fisher]
-        self.fisher = fisher if self.fisher is None else [a + b for a, b in zip(self.fisher, fisher)]
-        self.anchor = [p.detach().clone() for p in params]
+        fisher = {n: f * scale for n, f in fisher.items()}
+        if self.fisher is not None:
+            fisher = {n: f + self.fisher[n] if n in self.fisher else f for n, f in fisher.items()}
+        self.fisher = fisher
+        self.anchor = {n: p.detach().clone() for n, p in params.items()}
         self.seconds += time.perf_counter() - start
+
+    def grow(self, model: LatticeStudent, source: int) -> None:
+        """Follow ``add_expert``: the new gate row inherits row ``source``'s Fisher; anchors move to the split weights.
+
+        The split is exact, so the grown model right after it is the consolidated function in
+        the new parametrisation; the new expert's own weights carry no Fisher (free to learn).
+        """
+        assert self.fisher is not None
+        for key in ("processor.gate.weight", "processor.gate.bias"):
+            self.fisher[key] = torch.cat([self.fisher[key], self.fisher[key][source : source + 1]])
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def penalty(self, model: LatticeStudent) -> torch.Tensor:
         """``lam / 2 * sum(F * (theta - anchor)**2)``, a scalar with gradients."""
         assert self.fisher is not None and self.anchor is not None
-        terms = [(f * (p - a) ** 2).sum() for f, p, a in zip(self.fisher, model.parameters(), self.anchor)]
+        terms = [(self.fisher[n] * (p - self.anchor[n]) ** 2).sum() for n, p in model.named_parameters()
+                 if n in self.fisher]
         return 0.5 * self.lam * torch.stack(terms).sum()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save for a resume."""
+        if self.fisher is None or self.anchor is None:
+            return {}
+        return {**{f"ewc.fisher.{n}": f for n, f in self.fisher.items()},
+                **{f"ewc.anchor.{n}": a for n, a in self.anchor.items()}}
+
+    def load(self, state: dict[str, torch.Tensor], device: torch.device, seconds: float) -> None:
+        """Inverse of ``state``."""
+        fisher = {k.removeprefix("ewc.fisher."): v.to(device) for k, v in state.items() if k.startswith("ewc.fisher.")}
+        anchor = {k.removeprefix("ewc.anchor."): v.to(device) for k, v in state.items() if k.startswith("ewc.anchor.")}
+        self.fisher, self.anchor = (fisher, anchor) if fisher else (None, None)
+        self.seconds = seconds
 
 
 class ReplayBuffer:
@@ -195,6 +245,14 @@ class ReplayBuffer:
     @property
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save for a resume."""
+        return {f"replay.{i}": p for i, p in enumerate(self.parts)}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``state``."""
+        self.parts = [state[f"replay.{i}"] for i in range(sum(k.startswith("replay.") for k in state))]
 
 
 class ReplayBatches:
@@ -226,14 +284,62 @@ class ReplayBatches:
                              self.generator)
 
 
-def freeze_groups(model: LatticeStudent, names: Sequence[str]) -> None:
-    """Stop training the named parameter groups (missing experts are ignored); all frozen is an error."""
+def freeze_groups(model: LatticeStudent, names: Sequence[str], keep: Sequence[str] = ()) -> None:
+    """Stop training the named parameter groups; all frozen is an error.
+
+    A kind name covers its copies (``local`` also freezes ``local2``, ...); groups in ``keep``
+    (the expert added for this stage) stay trainable; missing experts are ignored.
+    """
     groups = model.parameter_groups()
-    if names and all(name in names for name in groups):
+    chosen = [g for g in groups if expert_kind(g) in names and g not in keep]
+    if chosen and len(chosen) == len(groups):
         raise UserError(f"continual.freeze={','.join(names)} freezes every parameter group; leave one trainable")
-    for name in names:
-        for p in groups.get(name, []):
+    for name in chosen:
+        for p in groups[name]:
             p.requires_grad_(False)
+
+
+def stage_model_config(config: Config, stage: int) -> Config:
+    """The config describing the model during ``stage`` (0-based): the run's, plus the experts added by then.
+
+    Under ``continual.new_expert`` the copies ``local2``, ``local3``, ... are the run's to add, so any
+    already in ``moe.experts`` (a checkpoint's ``config.json`` passed back) are dropped first.
+    """
+    if not config.continual.new_expert:
+        return config
+    base = tuple(n for n in config.moe.experts if n == "local" or expert_kind(n) != "local")
+    experts = (*base, *(f"local{i}" for i in range(2, stage + 2)))
+    return config if experts == config.moe.experts else with_overrides(config, {"moe.experts": experts})
+
+
+def add_expert(model: LatticeStudent, config: Config, device: torch.device) -> tuple[LatticeStudent, Config, int]:
+    """Progressive experts: ``model`` plus a copy of its newest local expert, with the same function.
+
+    ``config`` describes ``model``. The copy joins ``moe.experts`` as ``local<n>``; the gate gets
+    one more output row, a copy of the source expert's row, and both rows' biases drop by
+    ``T log 2`` (``T`` = ``moe.gate_temperature``): ``exp((l - T log 2) / T) = exp(l / T) / 2``,
+    so the softmax's denominator is unchanged, the two identical experts get half the old
+    share each, and every cell's message is exactly what it was. Returns the new model (its
+    weights copied in), its config and the source expert's gate row.
+    """
+    locals_ = [n for n in model.expert_names if expert_kind(n) == "local"]
+    source_name = locals_[-1]
+    name = f"local{len(locals_) + 1}"
+    grown = with_overrides(config, {"moe.experts": (*config.moe.experts, name)})
+    source = model.expert_names.index(source_name)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    prefix = f"processor.experts.{source_name}."
+    for key in [k for k in state if k.startswith(prefix)]:
+        state[f"processor.experts.{name}." + key.removeprefix(prefix)] = state[key].clone()
+    shift = config.moe.gate_temperature * math.log(2.0)
+    weight, bias = state["processor.gate.weight"], state["processor.gate.bias"]  # [E, C, 1, 1, 1], [E]
+    bias[source] -= shift
+    state["processor.gate.weight"] = torch.cat([weight, weight[source : source + 1]])
+    state["processor.gate.bias"] = torch.cat([bias, bias[source : source + 1]])
+    new = build_model(grown, model.teacher_dim).to(device)
+    new.load_state_dict(state, strict=True)
+    logger.info("added expert %s (a copy of %s; gate share split in two)", name, source_name)
+    return new, grown, source
 
 
 # --------------------------------------------------------------------------- metrics
@@ -285,7 +391,8 @@ def _new_loop(config: Config, model: LatticeStudent, data: TrainingData, plan: l
 
 
 def run_continual(config: Config, *, device: torch.device | None = None, domains: list[Domain] | None = None,
-                  callbacks: Sequence[Callable[[EpochReport], None]] = (), progress: bool = False) -> TrainResult:
+                  callbacks: Sequence[Callable[[EpochReport], None]] = (), progress: bool = False,
+                  out_dir: str | Path | None = None, resume_from: str | Path | None = None) -> TrainResult:
     """``train_continual`` seeded like ``cnn3d.train.train``, reusing ``domains`` from ``prepare_domains``.
 
     Runs that share ``data.domains`` (a benchmark's variants, say) embed the corpora once.
@@ -293,7 +400,7 @@ def run_continual(config: Config, *, device: torch.device | None = None, domains
     device = device or resolve_device(config.train.device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.train.seed)
-        return train_continual(config, device, callbacks, show=progress, domains=domains)
+        return train_continual(config, device, callbacks, out_dir, resume_from, show=progress, domains=domains)
 
 
 def train_continual(config: Config, device: torch.device, callbacks: Sequence[Callable[[EpochReport], None]] = (),
@@ -302,18 +409,25 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
     """Train on ``config.data.domains`` in sequence (or jointly); see the module docstring.
 
     ``domains`` (from ``prepare_domains`` for the same ``data.domains``) skips embedding them again.
+    ``resume_from`` continues from a checkpoint this function wrote (``out_dir``): weights with any
+    added experts, the optimiser within its stage, the EWC and replay state, the matrix so far
+    and the random generators, so a resumed run ends as the uninterrupted one would.
     """
-    if resume_from is not None:
-        raise UserError("resuming a run over data.domains is not supported; start it again without --resume")
     if len(config.data.domains) < 2:
         raise UserError("data.domains needs at least two corpora for a continual run")
-    started = time.perf_counter()
     c = config.continual
+    plans = [_stage_plan(config, s) for s in range(1 if c.joint else len(config.data.domains))]
+    resume = _open_continual_resume(resume_from, config, plans) if resume_from is not None else None
+    if resume is None:  # a bad train.init_from fails before any teacher pass
+        precheck(stage_model_config(config, 0))
+    started = time.perf_counter()
     domains = domains or prepare_domains(config, device, progress=show)
     labels = [d.label for d in domains]
     union = merge_data([d.data for d in domains])
     stages = [union] if c.joint else [d.data for d in domains]
-    model = build_model(config, union.teacher_dim).to(device)
+    model_config = stage_model_config(config, 0)  # describes the model: grows with every added expert
+    # train.init_from fills the first stage's student from a trained checkpoint (any cube size)
+    model, transfer_meta = initial_student(model_config, union.teacher_dim, device)
     dtype = autocast_dtype(config.train.precision, device)
     generator = torch.Generator().manual_seed(config.train.seed)
     remedy_generator = torch.Generator().manual_seed(config.train.seed + 1)
@@ -324,23 +438,45 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
         b = baselines(d.data, config)
         ceilings[f"cl_pca/{d.label}"] = b["baseline_pca_cosine"]
         ceilings[f"cl_mean/{d.label}"] = b["baseline_mean_cosine"]
-    plans = [_stage_plan(config, s) for s in range(len(stages))]
     total_epochs = sum(len(p) for p in plans)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     matrix: list[list[float]] = []
+    first_epoch = 0
+    if resume is not None:
+        model, model_config, matrix = _restore(resume, config, plans, union.teacher_dim, device,
+                                               ewc, replay, generator, remedy_generator)
+        first_epoch = resume.epochs_done
     cl_metrics: dict[str, float] = dict(ceilings)
     history: list[dict[str, float]] = []
     examples: list[dict] = []
     epoch = 0
     for s, (data, plan) in enumerate(zip(stages, plans)):
+        if epoch + len(plan) <= first_epoch:  # done before the resume
+            epoch += len(plan)
+            continue
+        inside = first_epoch > epoch  # resuming part-way through this stage: its expert is already there
+        added: tuple[str, ...] = ()
+        if s and c.new_expert:
+            if not inside:
+                model, model_config, source = add_expert(model, model_config, device)
+                if ewc is not None:
+                    ewc.grow(model, source)
+            added = (model.expert_names[-1],)
         if s and c.freeze:
-            freeze_groups(model, c.freeze)
+            freeze_groups(model, c.freeze, keep=added)
         loop = _new_loop(config, model, data, plan, device, dtype)
+        if inside:
+            assert resume is not None
+            load_optimizer(resume, loop.optimizer, device)
+            loop.step = resume.step
         if ewc is not None and ewc.fisher is not None:
             loop.extra_loss = ewc.penalty
         main_index = [plan[:e].count("main") for e in range(len(plan))]
         for e, phase in enumerate(plan):
+            if epoch < first_epoch:  # the generators' states came with the checkpoint: nothing to replay
+                epoch += 1
+                continue
             rows = epoch_texts(data, config, phase, main_index[e])
             order = rows[torch.randperm(len(rows), generator=generator)]
             warm = phase == "warmup" and bool(data.warmup_texts)
@@ -356,7 +492,6 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
                 matrix.append(row)
                 stage_name = "joint" if c.joint else str(s + 1)
                 stage_row = {f"cl_matrix/{stage_name}/{lab}": v for lab, v in zip(labels, row)}
-                cl_metrics.update(stage_row)
                 metrics.update(stage_row)
                 logger.info("stage %d/%d (%s): %s", s + 1, len(stages), "joint" if c.joint else labels[s],
                             ", ".join(f"{lab} {v:.4f} (pca {ceilings[f'cl_pca/{lab}']:.4f})"
@@ -366,10 +501,15 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
                 else:
                     evaluation = evaluate(model, union, config, device, dtype)
                     examples = evaluation["examples"]
+                    for i, done in enumerate(matrix):  # every row, also those done before a resume
+                        name = "joint" if c.joint else str(i + 1)
+                        cl_metrics.update({f"cl_matrix/{name}/{lab}": v for lab, v in zip(labels, done)})
                     cl_metrics.update(continual_summary(matrix, labels, joint=c.joint))
                     cl_metrics["cl_fisher_seconds"] = ewc.seconds if ewc else 0.0
                     cl_metrics["cl_replay_bytes"] = float(replay.nbytes) if replay else 0.0
                     cl_metrics["cl_replay_rows"] = float(len(replay.rows)) if replay else 0.0
+                    if c.baselines:
+                        cl_metrics.update(_baselines_in_run(config, device, domains, matrix, cl_metrics))
                     metrics.update({**evaluation["metrics"], **baselines(union, config), **cl_metrics})
             metrics["epoch_seconds"] = time.perf_counter() - epoch_start
             metrics["peak_memory_mb"] = _memory_metric(device, loop.cpu_peak)
@@ -377,14 +517,118 @@ def train_continual(config: Config, device: torch.device, callbacks: Sequence[Ca
             _log_epoch(metrics, phase, total_epochs)
             if out_dir is not None:
                 meta = {"teacher_dim": union.teacher_dim, "epochs_done": epoch + 1, "step": loop.step,
-                        "metrics": metrics}
-                save_checkpoint(out_dir, model, config, meta, loop.optimizer)
+                        "metrics": metrics, **transfer_meta, "continual": {"matrix": matrix, "fisher_seconds": ewc.seconds if ewc else 0.0}}
+                state = {**(ewc.state() if ewc else {}), **(replay.state() if replay else {}),
+                         "rng.order": generator.get_state(), "rng.remedy": remedy_generator.get_state(),
+                         "rng.torch": torch.get_rng_state()}
+                save_checkpoint(out_dir, model, model_config, meta, loop.optimizer, state)
             report = EpochReport(epoch + 1, total_epochs, phase, metrics, examples)
             for callback in callbacks:
                 callback(report)
             epoch += 1
     seconds = time.perf_counter() - started
     return TrainResult(history[-1], history, examples, config, model, seconds, Path(out_dir) if out_dir else None)
+
+
+_NO_REMEDY = {"continual.ewc_lambda": 0.0, "continual.replay_size": 0, "continual.freeze": (),
+              "continual.new_expert": False, "continual.joint": False, "continual.baselines": False}
+
+
+def _baselines_in_run(config: Config, device: torch.device, domains: list[Domain], matrix: list[list[float]],
+                      this: dict[str, float]) -> dict[str, float]:
+    """``continual.baselines``: naive sequential, joint and single-domain students on the same data and seed.
+
+    ``cl_plasticity`` = mean over later domains of ``A[d][d]`` / a single-domain run on ``d``;
+    ``cl_forgetting_cut`` = ``1 - forgetting / naive forgetting`` (NaN when naive forgets nothing).
+    A run that is itself naive (or joint) is its own baseline and is not trained twice.
+    """
+    from .train import train
+
+    c = config.continual
+    labels = [d.label for d in domains]
+    out: dict[str, float] = {}
+    plain = with_overrides(config, _NO_REMEDY)
+    remedied = (c.ewc_lambda > 0 or (c.replay_size > 0 and c.replay_fraction > 0) or bool(c.freeze)
+                or c.new_expert)
+    for name, variant in (("naive", plain), ("joint", with_overrides(plain, {"continual.joint": True}))):
+        is_this = (name == "joint") == c.joint and not remedied
+        m = this if is_this else run_continual(variant, device=device, domains=domains).metrics
+        for key in ("avg_final_cosine", "forgetting", "last_domain_cosine"):
+            out[f"cl_{name}/{key}"] = m[key]
+        if name == "joint":  # the upper bound per domain
+            out.update({f"cl_joint/{lab}": m[f"cl_matrix/joint/{lab}"] for lab in labels})
+    ratios = []
+    for d, domain in enumerate(domains[1:], start=1):
+        single = train(with_overrides(plain, {"data.domains": ()}), device=device, progress=False, data=domain.data)
+        out[f"cl_single/{domain.label}"] = single.metrics["val_cosine"]
+        if not c.joint:
+            ratios.append(matrix[d][d] / single.metrics["val_cosine"])
+    out["cl_plasticity"] = sum(ratios) / len(ratios) if ratios else float("nan")
+    naive = out["cl_naive/forgetting"]
+    out["cl_forgetting_cut"] = 1 - this["forgetting"] / naive if naive > 0 else float("nan")
+    logger.info("baselines in this run: naive forgetting %.4f (this run %.4f), joint avg_final %.4f (this run %.4f), "
+                "plasticity %.3f (%s)", naive, this["forgetting"], out["cl_joint/avg_final_cosine"],
+                this["avg_final_cosine"], out["cl_plasticity"],
+                ", ".join(f"single {lab} {out[f'cl_single/{lab}']:.4f}" for lab in labels[1:]))
+    return out
+
+
+def _stage_of(plans: list[list[str]], epochs_done: int) -> int:
+    """The 0-based stage of the last epoch done (``epochs_done >= 1``)."""
+    ends = [sum(len(p) for p in plans[: s + 1]) for s in range(len(plans))]
+    return next(s for s, end in enumerate(ends) if epochs_done <= end)
+
+
+def _open_continual_resume(folder, config: Config, plans: list[list[str]]) -> Checkpoint:
+    """Verify a checkpoint of a continual run against ``config``; a mismatch is one line naming the keys."""
+    ckpt = open_checkpoint(folder)
+    if not isinstance(ckpt.meta.get("continual"), dict):
+        raise CheckpointError(f"cannot resume from {ckpt.folder}: it was not written by a run over data.domains; "
+                              "resume it without data.domains (or --then-corpus), or train into a new --out")
+    total = sum(len(p) for p in plans)
+    if ckpt.epochs_done >= total:
+        raise CheckpointError(f"checkpoint {ckpt.folder} has already done {ckpt.epochs_done} of the {total} epochs "
+                              "of this domain sequence; nothing is left to resume, train into a new --out")
+    if ckpt.epochs_done < 1:
+        raise CheckpointError(f"checkpoint {ckpt.folder} has no epoch done; start the run again without --resume")
+    saved, now = flatten(ckpt.config), flatten(stage_model_config(config, _stage_of(plans, ckpt.epochs_done)))
+    differing = sorted(k for k, v in now.items() if saved[k] != v)
+    fixed = [k for k in differing if k not in _FREE_KEYS and (
+        k.split(".", 1)[0] in _MODEL_SECTIONS or k in _MODEL_KEYS
+        or k in ("data.domains", "continual.joint", "continual.new_expert"))]
+    if fixed:
+        shown = ", ".join(f"{k} ({saved[k]!r} in the checkpoint, {now[k]!r} now)" for k in fixed[:3])
+        more = f" and {len(fixed) - 3} more" if len(fixed) > 3 else ""
+        raise CheckpointError(f"cannot resume from {ckpt.folder}: the run differs in {shown}{more}; "
+                              f"pass the same settings (e.g. --config {ckpt.folder / 'config.json'}) or train into a new --out")
+    if differing:
+        logger.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(differing))
+    return ckpt
+
+
+def _restore(ckpt: Checkpoint, config: Config, plans, teacher_dim: int, device, ewc: EWC | None,
+             replay: ReplayBuffer | None, generator: torch.Generator, remedy_generator: torch.Generator):
+    """Model (with its added experts), remedies, generators and the matrix so far from a checkpoint."""
+    if ckpt.teacher_dim != teacher_dim:
+        raise CheckpointError(f"cannot resume from {ckpt.folder}: it was trained on {ckpt.teacher_dim}-D teacher "
+                              f"embeddings, this teacher gives {teacher_dim}-D")
+    model_config = stage_model_config(config, _stage_of(plans, ckpt.epochs_done))
+    model = build_model(model_config, teacher_dim).to(device)
+    load_weights(ckpt, model, device)
+    state = load_state(ckpt)
+    missing = [k for k in ("rng.order", "rng.remedy", "rng.torch") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.folder} lacks the continual state ({missing[0]}); "
+                              "it cannot be resumed, train into a new --out")
+    info = ckpt.meta["continual"]
+    if ewc is not None:
+        ewc.load(state, device, float(info.get("fisher_seconds", 0.0)))
+    if replay is not None:
+        replay.load(state)
+    generator.set_state(state["rng.order"])
+    remedy_generator.set_state(state["rng.remedy"])
+    torch.set_rng_state(state["rng.torch"])
+    return model, model_config, [[float(v) for v in row] for row in info.get("matrix", [])]
 
 
 def _after_stage(model, data: TrainingData, config: Config, device, dtype, ewc: EWC | None,

@@ -132,9 +132,14 @@ class DistantExpert(nn.Module):
         return self.out(mixed.view(b, d, h, w, c).permute(0, 4, 1, 2, 3))
 
 
+def expert_kind(name: str) -> str:
+    """The kind of an expert by its config name: ``local2`` (added by ``continual.new_expert``) is a ``local``."""
+    return name.rstrip("0123456789")
+
+
 def build_expert(name: str, moe, channels: int, boundary: str, dims) -> nn.Module:
-    """One expert by its config name: 'local', 'functional' or 'distant'."""
-    if name == "local":
+    """One expert by its config name: 'local', 'functional' or 'distant' (or 'local2', ... another local)."""
+    if expert_kind(name) == "local":
         return LocalExpert(channels, moe.local_hidden, boundary)
     if name == "functional":
         return FunctionalExpert(channels, moe.functional_radius, boundary, dims)

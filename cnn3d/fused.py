@@ -26,6 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .experts import expert_kind
 from .lattice import Offset
 
 # --------------------------------------------------------------------------- padding in rows layout
@@ -191,7 +192,7 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     gate_columns = gates.split(1, dim=-1)
     message = None
     for i, (name, expert) in enumerate(processor.experts.items()):
-        if name == "local":
+        if expert_kind(name) == "local":  # local2, ... (continual.new_expert) are local experts too
             out = expert(rows.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # conv on the channels-last view
         elif name == "functional":
             out = _functional(expert, rows, columns["functional_gate_score"],

@@ -41,6 +41,7 @@ from .config import Config, flatten
 from .data import curriculum_fraction, curriculum_indices, load_corpus
 from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
+from .experts import expert_kind
 from .losses import total_loss
 from .memory import SavedActivations, run_peak_mb, state_bytes
 from .model import LatticeStudent, build_model
@@ -173,7 +174,7 @@ def build_optimizer(model: LatticeStudent, config: Config) -> torch.optim.AdamW:
             for p in params:
                 p.requires_grad_(False)
             continue
-        groups.append({"params": params, "lr": t.lr * mult[name], "name": name})
+        groups.append({"params": params, "lr": t.lr * mult[expert_kind(name)], "name": name})
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -302,7 +303,8 @@ def train(
     # Checked before any data is embedded or epoch run: a bad --out or --resume costs no training time.
     if out_dir is not None:
         check_output_folder(out_dir)
-    resume = _open_resume(resume_from, config) if resume_from is not None else None
+    continual = len(config.data.domains) >= 2  # a continual run checks its checkpoint itself (cnn3d.continual)
+    resume = _open_resume(resume_from, config) if resume_from is not None and not continual else None
     device = device or resolve_device(config.train.device)
     show = _show_progress(progress)
     previous_threads = torch.get_num_threads()
@@ -314,7 +316,7 @@ def train(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.train.seed)
-            if len(config.data.domains) >= 2:  # a sequence of domains: the stage loop of cnn3d.continual
+            if continual:  # a sequence of domains: the stage loop of cnn3d.continual
                 from .continual import train_continual
 
                 return train_continual(config, device, callbacks, out_dir, resume_from, show)

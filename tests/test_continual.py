@@ -8,12 +8,14 @@ import torch
 from click.testing import CliRunner
 
 from cnn3d import preset, with_overrides
+from cnn3d.checkpoint import load_weights, open_checkpoint
 from cnn3d.cli import train_cli
 from cnn3d.config import ConfigError
 from cnn3d.continual import (
     EWC,
     ReplayBatches,
     ReplayBuffer,
+    add_expert,
     continual_summary,
     freeze_groups,
     prepare_domains,
@@ -68,6 +70,13 @@ def test_builtin_domain_is_a_corpus_spec_and_unknown_names_fail():
     ({"continual.replay_fraction": -0.1}, "out of range [0.0, 1.0]"),
     ({"continual.freeze": "gate"}, "must be distinct names from transform, gating"),
     ({"data.domains": ("builtin:news", " ")}, "empty entry"),
+    ({"continual.freeze": "transform,gating,local,functional,distant"}, "freezes every parameter group"),
+    ({"continual.new_expert": True, "continual.joint": True}, "drop one of the two"),
+    ({"continual.new_expert": True, "moe.experts": "functional,distant"}, "add local to moe.experts"),
+    ({"continual.new_expert": True, "moe.gating": "topk", "moe.top_k": 2}, "needs moe.gating=softmax"),
+    ({"moe.experts": "local,local1"}, "local2, local3, ... as added by continual.new_expert"),
+    ({"data.domains": "builtin:news,builtin:dialogue", "train.grow_schedule": "4x1", "train.main_epochs": 3},
+     "not supported over data.domains"),
 ])
 def test_bad_continual_config_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -125,7 +134,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_drift(tiny):
     ewc = EWC(10.0)
     ewc.consolidate(model, domains[0].data.train, config, torch.device("cpu"), None, 0, torch.Generator())
     assert ewc.seconds > 0
-    mean_fisher = sum(f.sum() for f in ewc.fisher) / sum(f.numel() for f in ewc.fisher)
+    mean_fisher = sum(f.sum() for f in ewc.fisher.values()) / sum(f.numel() for f in ewc.fisher.values())
     assert mean_fisher.item() == pytest.approx(1.0, rel=1e-4)  # normalised to mean 1
     assert ewc.penalty(model).item() == 0.0
     with torch.no_grad():
@@ -160,7 +169,8 @@ def test_frozen_groups_do_not_change_while_the_rest_trains(tiny):
 def test_sequence_reports_the_matrix_beside_ceilings_and_remedies_change_it(tiny):
     config, domains = tiny
     seen = []
-    naive = run_continual(config, domains=domains, callbacks=[lambda r: seen.append((r.epoch, r.metrics["stage"]))])
+    naive = run_continual(with_overrides(config, {"continual.baselines": True}), domains=domains,
+                          callbacks=[lambda r: seen.append((r.epoch, r.metrics["stage"]))])
     m = naive.metrics
     assert seen == [(1, 1), (2, 2)]
     cells = {f"cl_matrix/{s}/{d}" for s in (1, 2) for d in ("science", "dialogue")}
@@ -177,8 +187,15 @@ def test_sequence_reports_the_matrix_beside_ceilings_and_remedies_change_it(tiny
     assert remedied["cl_matrix/1/science"] == m["cl_matrix/1/science"]
     assert remedied["cl_matrix/2/science"] != m["cl_matrix/2/science"]
     assert remedied["cl_fisher_seconds"] > 0 and remedied["cl_replay_bytes"] == 16 * 384 * 4
-    joint = run_continual(with_overrides(config, {"continual.joint": True}), domains=domains).metrics
-    assert "cl_matrix/joint/science" in joint and joint["forgetting"] == 0.0
+    # continual.baselines: naive (this run itself), joint (one stage on both) and a single-domain run, in the same run
+    assert m["cl_naive/forgetting"] == m["forgetting"]
+    cut = 0.0 if m["forgetting"] > 0 else float("nan")  # undefined when naive forgets nothing
+    assert m["cl_forgetting_cut"] == pytest.approx(cut, nan_ok=True)
+    assert m["cl_joint/forgetting"] == 0.0 and -1 < m["cl_joint/avg_final_cosine"] < 1
+    assert m["cl_joint/avg_final_cosine"] == pytest.approx((m["cl_joint/science"] + m["cl_joint/dialogue"]) / 2)
+    assert m["cl_joint/avg_final_cosine"] != m["avg_final_cosine"]
+    assert m["cl_plasticity"] == pytest.approx(m["cl_matrix/2/dialogue"] / m["cl_single/dialogue"])
+    assert "cl_single/science" not in m  # the first domain has nothing before it
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -205,6 +222,8 @@ def test_then_corpus_cli_writes_the_matrix_to_the_metrics_json(tmp_path, warm_ca
      "out of range [0.0, 1.0]"),
     (["--corpus", "builtin:science", "--then-corpus", "builtin:sport"], "unknown built-in domain"),
     (["--corpus", "builtin:science", "--then-corpus", "builtin:science"], "twice"),
+    (["--corpus", "builtin:science", "--then-corpus", "builtin:dialogue", "--set", "continual.new_expert=true",
+      "--set", "continual.joint=true"], "drop one of the two"),
 ])
 def test_bad_domain_input_is_one_line_exit_2(tmp_path, args, message):
     """In process: each fails before any teacher pass."""
@@ -215,3 +234,103 @@ def test_bad_domain_input_is_one_line_exit_2(tmp_path, args, message):
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------- progressive experts
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_added_expert_leaves_the_output_unchanged_and_trains(tiny, fused):
+    config, domains = tiny
+    config = with_overrides(config, {"moe.gate_temperature": 0.5, "continual.new_expert": True})
+    model = build_model(config, 384)
+    with torch.no_grad():  # a gate that is not uniform, so the split must keep real shares
+        model.processor.gate.bias.copy_(torch.tensor([0.7, -0.3, 0.2]))
+        model.processor.gate.weight.normal_(0, 0.3)
+    model.fused = fused
+    x = domains[0].data.train[:8]
+    before = model(x).embedding
+    grown, grown_config, source = add_expert(model, config, torch.device("cpu"))
+    grown.fused = fused
+    assert grown.expert_names == ("local", "functional", "distant", "local2") and source == 0
+    assert grown_config.moe.experts == grown.expert_names
+    out = grown(x)
+    assert torch.allclose(out.embedding, before, atol=1e-5)
+    assert torch.allclose(out.gates[:, 0], out.gates[:, 3]) and out.gates[:, 0].mean() > 0.05  # the share, halved
+    out.embedding.pow(2).sum().backward()
+    assert grown.processor.experts["local2"].stencil.weight.grad.abs().sum() > 0
+    third, _, source = add_expert(grown, grown_config, torch.device("cpu"))
+    assert third.expert_names[-1] == "local3" and source == 3  # copies the newest local expert
+    assert torch.allclose(third(x).embedding, before, atol=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def progressive(tiny, tmp_path_factory):
+    """Two stages of two epochs, progressive experts with EWC and replay: the straight run and its checkpoint."""
+    config, domains = tiny
+    config = with_overrides(config, {"train.main_epochs": 2, "continual.new_expert": True,
+                                     "continual.freeze": "gating,local,functional,distant",
+                                     "continual.ewc_lambda": 1.0, "continual.replay_size": 16})
+    out = tmp_path_factory.mktemp("progressive") / "ckpt"
+    return config, domains, run_continual(config, domains=domains, out_dir=out), out
+
+
+def test_progressive_run_saves_a_checkpoint_with_its_added_expert(progressive):
+    config, domains, straight, out = progressive
+    m = straight.metrics
+    assert {"cl_matrix/2/science", "forgetting", "avg_final_cosine"} <= set(m)
+    assert m["cl_fisher_seconds"] > 0 and m["cl_replay_bytes"] == 16 * 384 * 4
+    assert straight.model.expert_names[-1] == "local2" and "expert_usage_local2" in m
+    ckpt = open_checkpoint(out)
+    assert ckpt.config.moe.experts == ("local", "functional", "distant", "local2")
+    loaded = build_model(ckpt.config, ckpt.teacher_dim)
+    load_weights(ckpt, loaded)
+    x = domains[1].data.val[:8]
+    assert torch.equal(loaded(x).embedding, straight.model.eval()(x).embedding)
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])  # the end of stage 1 (before the expert joins), inside stage 2
+def test_interrupted_progressive_run_resumes_to_the_same_result(progressive, tmp_path, stop_after):
+    config, domains, straight, _ = progressive
+    out = tmp_path / "ckpt"
+
+    def stop(report):
+        if report.epoch == stop_after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_continual(config, domains=domains, out_dir=out, callbacks=[stop])
+    saved = open_checkpoint(out)
+    load_weights(saved, probe := build_model(saved.config, 384))
+    frozen = {k: v.clone() for k, v in probe.state_dict().items()}
+    with pytest.raises(UserError, match=r"differs in continual.new_expert \(True in the checkpoint, False now\)"):
+        run_continual(with_overrides(config, {"continual.new_expert": False}), domains=domains, resume_from=out)
+    # after the expert joined, resume as `--config ckpt/config.json` would: moe.experts already lists local2
+    again = saved.config if stop_after == 3 else config
+    assert again.moe.experts[-1] == ("local2" if stop_after == 3 else "distant")
+    resumed = run_continual(again, domains=domains, out_dir=out, resume_from=out)
+    assert [h["epoch"] for h in resumed.history] == list(range(stop_after + 1, 5))
+    for key in ("cl_matrix/1/science", "cl_matrix/2/science", "cl_matrix/2/dialogue", "forgetting", "val_cosine"):
+        assert resumed.metrics[key] == pytest.approx(straight.metrics[key], abs=1e-5), key
+    final = resumed.model.state_dict()
+    if stop_after == 3:  # stage 2 froze the old experts and the gate; only local2 and the transforms moved
+        assert torch.equal(final["processor.experts.local.stencil.weight"], frozen["processor.experts.local.stencil.weight"])
+        assert torch.equal(final["processor.gate.weight"], frozen["processor.gate.weight"])
+        assert not torch.equal(final["processor.experts.local2.stencil.weight"],
+                               frozen["processor.experts.local2.stencil.weight"])
+
+
+def test_init_from_starts_the_first_stage_from_a_trained_student(tiny, progressive, tmp_path):
+    config, domains = tiny
+    source = run_continual(config, domains=domains, out_dir=tmp_path / "source")
+    started = run_continual(with_overrides(config, {"train.init_from": str(tmp_path / "source")}), domains=domains,
+                            out_dir=tmp_path / "next")
+    assert "transfer" in open_checkpoint(tmp_path / "next").meta
+    # one more stage-1 epoch on top of the trained student, not a fresh one
+    assert started.metrics["cl_matrix/1/science"] != source.metrics["cl_matrix/1/science"]
+    with pytest.raises(UserError, match="cannot transfer .* moe.experts"):  # before any training
+        run_continual(with_overrides(config, {"train.init_from": str(progressive[3])}), domains=domains)

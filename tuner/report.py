@@ -918,6 +918,14 @@ def _continual_section(data: ReportData) -> Section:
         section.items.append(Note("No complete trial holds a forgetting matrix."))
         return section
     section.items.append(continual_heatmap(trial.metrics, f"trial {trial.number}"))
+    m = trial.metrics
+    if "cl_naive/forgetting" in m:  # continual.baselines: naive, joint and single-domain runs inside the trial
+        section.items.append(Note(
+            f"Baselines trained in trial {trial.number}: naive sequential forgetting {m['cl_naive/forgetting']:.4f} "
+            f"(this trial {m.get('forgetting', float('nan')):.4f}, cut {m.get('cl_forgetting_cut', float('nan')):.0%}), "
+            f"avg final {m['cl_naive/avg_final_cosine']:.4f}; joint avg final {m['cl_joint/avg_final_cosine']:.4f} "
+            f"(this trial {m.get('avg_final_cosine', float('nan')):.4f}); plasticity "
+            f"{m.get('cl_plasticity', float('nan')):.3f} of single-domain runs."))
     tuned = [p.key for p in data.params]
     points = [t for t in data.complete if "forgetting" in t.metrics]
     if tuned and len(points) >= 2:

@@ -61,3 +61,22 @@ def test_a_continual_objective_without_domains_is_a_user_error():
     spec = StudySpec(params=["continual.ewc_lambda"], objectives=["forgetting:min", "avg_final_cosine:max"],
                      set={"data.domains": "builtin:news,builtin:dialogue"}).validate()
     assert [o.metric for o in spec.parsed_objectives()] == ["forgetting", "avg_final_cosine"]
+
+
+def test_report_states_the_in_run_baselines_beside_the_heatmap():
+    from types import SimpleNamespace
+
+    from tuner.report import Note, _continual_section
+
+    metrics = {"cl_matrix/1/news": 0.5, "cl_matrix/1/dialogue": 0.3, "cl_matrix/2/news": 0.45,
+               "cl_matrix/2/dialogue": 0.55, "cl_pca/news": 0.72, "cl_pca/dialogue": 0.72, "forgetting": 0.05,
+               "avg_final_cosine": 0.5, "cl_naive/forgetting": 0.1, "cl_naive/avg_final_cosine": 0.48,
+               "cl_forgetting_cut": 0.5, "cl_joint/avg_final_cosine": 0.58, "cl_plasticity": 0.97}
+    trial = SimpleNamespace(number=3, metrics=metrics, params={})
+    section = _continual_section(SimpleNamespace(best=None, complete=[trial], params=[]))
+    notes = [item.text for item in section.items if isinstance(item, Note)]
+    assert any("naive sequential forgetting 0.1000 (this trial 0.0500, cut 50%)" in n
+               and "joint avg final 0.5800" in n and "plasticity 0.970" in n for n in notes), notes
+    del metrics["cl_naive/forgetting"]
+    section = _continual_section(SimpleNamespace(best=None, complete=[trial], params=[]))
+    assert not any("Baselines" in item.text for item in section.items if isinstance(item, Note))
