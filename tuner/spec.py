@@ -126,11 +126,28 @@ class StudySpec:
             config = self.base_config()
         except ConfigError as exc:
             raise UserError(f"set: {exc}") from None
+        _check_schedules(config, self.spaces())
         continual = [o.metric for o in objectives if is_continual_metric(o.metric)]
         if continual and len(config.data.domains) < 2 and "data.domains" not in {s.key for s in self.spaces()}:
             raise UserError(f"objective {continual[0]} needs a sequence of domains; "
                             "add --set data.domains=builtin:news,builtin:dialogue (or your corpora)")
         return self
+
+
+EPOCH_KEYS = ("train.warmup_epochs", "train.main_epochs", "train.fine_tune_epochs")
+
+
+def _check_schedules(config, spaces: list[ParamSpace]) -> None:
+    """Each swept ``train.grow_schedule`` against the fixed epochs, before any trial starts (the grammar
+    itself is checked when the value is parsed); skipped when an epoch count is tuned too."""
+    keys = {s.key for s in spaces}
+    for space in spaces:
+        if space.key == "train.grow_schedule" and not keys & set(EPOCH_KEYS):
+            for value in getattr(space.distribution, "choices", ()):
+                try:
+                    with_overrides(config, {space.key: value})
+                except ConfigError as exc:
+                    raise UserError(f"--param {space.key}: {exc}") from None
 
 
 def load_spec(path: str | Path) -> StudySpec:
