@@ -210,7 +210,8 @@ class TrainConfig:
     eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
     emergence_nulls: bool = param(True, "At the last epoch, measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
     init_from: str = param(
-        "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md).", tune=False
+        "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md); "
+        "'' or none = from scratch.", tune=False
     )
     grow_schedule: str = param(
         "none", "Grow the cube while training: SIZExEPOCHS stages joined by '+' (8x2+12x2), then lattice.size; 'none' = fixed size.", tune=False

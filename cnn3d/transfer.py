@@ -81,6 +81,10 @@ class TransferTable:
 def load_student(folder: str | Path, device: torch.device | str = "cpu") -> tuple[LatticeStudent, Config, dict]:
     """A checkpoint folder as (model, config, meta); a folder that is not a readable checkpoint is a ``UserError``."""
     config, meta = read_checkpoint_meta(folder)
+    if "teachers" in meta:  # a multi-teacher checkpoint: its cube with the first teacher's maps
+        from .multiteacher import load_multi
+
+        return load_multi(folder, device)[0].core, config, meta
     if "teacher_dim" not in meta:
         raise UserError(f"{folder}/meta.json has no teacher_dim; pass a folder written by cnn3d-train --out")
     model = build_model(config, int(meta["teacher_dim"]))
@@ -157,9 +161,15 @@ def _cell_problems(source: LatticeStudent, target: LatticeStudent) -> list[str]:
     return sorted(set(problems))
 
 
+def init_source(config: Config) -> str:
+    """``train.init_from``, or ``''`` when it is empty or ``none`` (a tuner sweep's from-scratch value)."""
+    value = config.train.init_from.strip()
+    return "" if value.lower() in ("", "none") else value
+
+
 def precheck(config: Config) -> None:
     """Fail fast, before any data work, when ``train.init_from`` is no checkpoint or has another cell."""
-    if not config.train.init_from:
+    if not init_source(config):
         return
     source, _ = read_checkpoint_meta(config.train.init_from)
     keys = ("lattice.state_size", "moe.experts", "moe.local_hidden", "moe.functional_radius", "moe.distant_links")
@@ -217,6 +227,20 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
                       if k not in persistent and source.dims != target.dims]
     table.dropped += [_entry(k, v, v) for k, v in src_state.items() if k not in new_state]
     return table
+
+
+@torch.no_grad()
+def transfer_maps(source: torch.nn.Module, target: torch.nn.Module, prefix: str, table: TransferTable) -> None:
+    """Fill one teacher's face maps (an ``EmbeddingTransformer``) from another's, resampled over the face like
+    a student's ``transform.*``; entries join ``table`` named ``prefix + name``."""
+    sub = TransferTable(table.source, [], [])
+    src_state = {k: v.detach().cpu() for k, v in source.state_dict().items()}
+    buffers = {k for k, _ in target.named_buffers()}
+    new_state = {k: _transfer_one(FACE_PREFIX + k, src_state.get(k), dst, k in buffers, source.face, target.face, sub)
+                 for k, dst in target.state_dict().items()}
+    target.load_state_dict(new_state, strict=True)
+    for action in ("copied", "resampled", "fresh", "redrawn"):
+        getattr(table, action).extend(prefix + e[len(FACE_PREFIX):] for e in getattr(sub, action))
 
 
 def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferTable) -> torch.Tensor:
@@ -291,7 +315,7 @@ def initial_student(config: Config, teacher_dim: int, device: torch.device,
         first = max(0, int(meta.get("epochs_done", 0)) - 1)
         extra = {k: meta[k] for k in ("transfer", "grow") if k in meta}
     model = build_model(stage_config(config, first), teacher_dim)
-    if config.train.init_from and not resume_from:
+    if init_source(config) and not resume_from:
         source, source_config, _ = load_student(config.train.init_from)
         _warn_other_teacher(source_config, config)
         table = transfer_weights(source, model)

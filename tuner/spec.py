@@ -17,7 +17,7 @@ import yaml
 
 from cnn3d.config import PRESETS, ConfigError, preset, with_overrides
 from cnn3d.errors import UserError
-from cnn3d.train import CONTINUAL_METRICS, is_reported_metric
+from cnn3d.train import CONTINUAL_METRICS, MULTI_TEACHER_PREFIXES, is_reported_metric
 
 from .space import ParamSpace, parse_param
 
@@ -127,6 +127,11 @@ class StudySpec:
         except ConfigError as exc:
             raise UserError(f"set: {exc}") from None
         _check_schedules(config, self.spaces())
+        several = [o.metric for o in objectives
+                   if o.metric == "val_cosine_fraction" or o.metric.startswith(MULTI_TEACHER_PREFIXES)]
+        if several and not config.teacher.extra and "teacher.extra" not in {s.key for s in self.spaces()}:
+            raise UserError(f"objective {several[0]} needs several teachers; add --set teacher.extra=NAME:POOLING "
+                            "(e.g. cls:cls)")
         continual = [o.metric for o in objectives if is_continual_metric(o.metric)]
         if continual and len(config.data.domains) < 2 and "data.domains" not in {s.key for s in self.spaces()}:
             raise UserError(f"objective {continual[0]} needs a sequence of domains; "
