@@ -383,8 +383,8 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     started = time.perf_counter()
     teachers = teacher_configs(config)
     # an unloadable teacher or a bad train.init_from fails here: before any embedding, epoch or write
-    extra = {n: load_teacher(t, device) for n, t in teachers.items() if n != PRIMARY_TEACHER}
     precheck(config)
+    extra = {n: _load_extra(n, t, device) for n, t in teachers.items() if n != PRIMARY_TEACHER}
     data = data or prepare_data(config, device, progress=show)
     multi = multi_data_from(data, extra, config)
     dims = {n: td.train.shape[1] for n, td in multi.teachers.items()}
@@ -425,6 +425,13 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     student.trainable(())
     return TrainResult(history[-1], history, examples, config, student, time.perf_counter() - started,
                        Path(out_dir) if out_dir else None, meta.get("transfer"))
+
+
+def _load_extra(name: str, tcfg: TeacherConfig, device):
+    try:
+        return load_teacher(tcfg, device)
+    except UserError as exc:
+        raise UserError(f"teacher.extra {name}: {exc}") from None
 
 
 @torch.no_grad()

@@ -103,3 +103,98 @@ def test_768_dimensional_teacher_beside_minilm_round_trips_and_decodes(setup, di
     assert set(decoded) == {"minilm", "distil"} and all(len(v) == 3 for v in decoded.values())
     with pytest.raises(UserError, match="unknown teacher 'other'"):
         loaded(data.teachers["minilm"].val[:2], "other")
+
+
+# --------------------------------------------------------------------------- from the command line: teacher.extra
+
+CLI_SETS = ["lattice.size=4", "lattice.steps=4", "lattice.state_size=8", "data.max_sentences=64", "train.batch_size=16",
+            "train.main_epochs=2", "train.lr=1e-2", "train.num_threads=1"]
+
+
+def _invoke(command, *args):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cli_run(warm_cache, tmp_path_factory):
+    """cnn3d-train with a second teacher (MiniLM, CLS pooling) beside the main one (mean pooling)."""
+    from cnn3d.cli import train_cli
+    from cnn3d.data import builtin_sentences
+
+    tmp = tmp_path_factory.mktemp("multi-cli")
+    corpus = tmp / "corpus.txt"  # a user corpus: the decode bank is its validation split, not all built-in sentences
+    corpus.write_text("\n".join(builtin_sentences()[:80]) + "\n")
+    sets = [f"--set={s}" for s in [*CLI_SETS, f"data.cache_dir={warm_cache}", f"data.corpus={corpus}"]]
+    run = _invoke(train_cli, *sets, "--set=teacher.extra=cls:cls", "--out", tmp / "ckpt", "--metrics-json",
+                  tmp / "metrics.json")
+    assert run.exit_code == 0, run.output
+    return tmp, sets, run
+
+
+def test_cli_trains_one_cube_with_two_teachers_and_decodes_with_each(cli_run):
+    import json
+
+    from cnn3d.cli import decode_cli
+
+    tmp, _, run = cli_run
+    m = json.loads((tmp / "metrics.json").read_text())
+    for name in ("main", "cls"):  # each teacher beside its own ceiling and floor, on the same split
+        assert m[f"baseline_pca_cosine/{name}"] > m[f"baseline_mean_cosine/{name}"]
+        assert m[f"val_cosine_fraction/{name}"] == pytest.approx(m[f"val_cosine/{name}"] / m[f"baseline_pca_cosine/{name}"])
+    assert m["val_cosine_fraction"] == pytest.approx((m["val_cosine_fraction/main"] + m["val_cosine_fraction/cls"]) / 2)
+    assert m["val_cosine"] == m["val_cosine/main"] and m["config"]["teacher.extra"] == ["cls:cls"]
+    assert "teacher cls: val_cosine" in run.stdout
+    texts = ["The cat sat on the mat.", "Rain is expected tomorrow."]
+    decoded = _invoke(decode_cli, "--checkpoint", tmp / "ckpt", *texts)
+    assert decoded.exit_code == 0, decoded.output
+    blocks = decoded.stdout.split("\nteacher ")
+    assert [b.removeprefix("teacher ").split(":")[0] for b in blocks] == ["main", "cls"]
+    assert all(sum(t in b for t in texts) == 2 for b in blocks)
+    only = _invoke(decode_cli, "--checkpoint", tmp / "ckpt", "--teacher", "cls", texts[0])
+    assert only.exit_code == 0 and "teacher main" not in only.stdout and "teacher cls" in only.stdout
+    wrong = _invoke(decode_cli, "--checkpoint", tmp / "ckpt", "--teacher", "other", texts[0])
+    assert wrong.exit_code == 2 and "unknown teacher 'other'" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_init_from_adds_a_768d_teacher_frozen_cube_first_then_everything(cli_run, distilbert, tmp_path):
+    from cnn3d.train import train
+
+    tmp, sets, _ = cli_run
+    source, _ = load_multi(tmp / "ckpt")
+    before = source.state_dict()
+    config = with_overrides(preset("test"), {**dict(s.removeprefix("--set=").split("=", 1) for s in sets),
+                                             "train.init_from": str(tmp / "ckpt"),
+                                             "teacher.extra": f"cls:cls,distil:mean:{distilbert}"})
+    moved = []
+
+    def after_epoch(report):  # the checkpoint of this epoch: which parts moved away from the source?
+        state = load_multi(tmp_path / "grown")[0].state_dict()
+        moved.append(sorted({k.split(".")[1] if k.startswith("heads.") else "core" for k in before
+                             if not torch.equal(state[k], before[k])}))
+
+    result = train(config, out_dir=tmp_path / "grown", progress=False, callbacks=[after_epoch])
+    assert result.model.teacher_dims == {"main": 384, "cls": 384, "distil": 768}
+    assert moved == [[], ["cls", "core"]]  # epoch 1: only the new teacher's maps train; epoch 2: everything
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    table = result.transfer
+    assert any(e.startswith("heads.cls.encode.weight") for e in table["copied"])
+    assert any(e.startswith("core.processor.gate.weight") for e in table["copied"])
+    assert {"val_cosine/distil", "baseline_pca_cosine/distil"} <= set(result.metrics)
+    assert result.metrics["baseline_pca_cosine/distil"] > result.metrics["baseline_mean_cosine/distil"]
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "nobody/no-such-model"])
+def test_unloadable_extra_teacher_is_one_line_and_overwrites_nothing(cli_run, model):
+    from cnn3d.cli import train_cli
+
+    tmp, sets, _ = cli_run
+    files = {p.name: p.read_bytes() for p in (tmp / "ckpt").iterdir()}
+    run = _invoke(train_cli, *sets, f"--set=teacher.extra=cls:cls,x:mean:{model}", "--out", tmp / "ckpt",
+                  "--metrics-json", tmp / "new.json")
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert run.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: teacher.extra x:"), run.stderr
+    assert model in errors[0]
+    assert {p.name: p.read_bytes() for p in (tmp / "ckpt").iterdir()} == files and not (tmp / "new.json").exists()
