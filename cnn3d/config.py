@@ -216,6 +216,10 @@ class TrainConfig:
     grow_schedule: str = param(
         "none", "Grow the cube while training: SIZExEPOCHS stages joined by '+' (8x2+12x2), then lattice.size; 'none' = fixed size.", tune=False
     )
+    init_fresh_directions: bool = param(
+        False, "Transfer to a larger face (train.init_from, growing): keep fresh initial weights in the face maps along "
+        "the face directions interpolation cannot reach, instead of zeros (docs/transfer.md).", tune=False,
+    )
     new_teacher_epochs: int = param(
         1, "With train.init_from and teacher.extra naming teachers the checkpoint lacks: the first N main epochs train "
         "only their new maps (cube and other maps frozen), the rest train everything.", low=0, high=1000, tune=False,

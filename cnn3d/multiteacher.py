@@ -347,7 +347,7 @@ def initial_multi(config: Config, teacher_dims: Mapping[str, int],
     if not init_source(config):
         return student, {}, []
     source, source_teachers = load_source(config.train.init_from)
-    table = transfer_weights(source.core, student.core)  # names every key that cannot transfer
+    table = transfer_weights(source.core, student.core, config.train.init_fresh_directions)  # names what cannot
     table.source = str(config.train.init_from)
     table.copied = [f"core.{e}" for e in table.copied]
     table.resampled = [f"core.{e}" for e in table.resampled]
