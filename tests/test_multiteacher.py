@@ -157,3 +157,22 @@ def test_unloadable_extra_teacher_is_one_line_and_overwrites_nothing(cli_run, mo
     assert run.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: teacher.extra x:"), run.stderr
     assert model in errors[0]
     assert {p.name: p.read_bytes() for p in (tmp / "ckpt").iterdir()} == files and not (tmp / "new.json").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"teacher.extra": "cls"}, "is malformed; write NAME:POOLING[:MODEL]"),
+    ({"teacher.extra": "cls:max"}, "is malformed"),
+    ({"teacher.extra": "main:cls"}, "the name 'main' is taken"),
+    ({"teacher.extra": "a:cls,a:mean"}, "the name 'a' is taken"),
+    ({"teacher.extra": "cls:cls", "train.warmup_epochs": 1}, "trains train.main_epochs only"),
+])
+def test_bad_teacher_extra_is_refused_when_the_config_is_built(change, words):
+    from cnn3d.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        with_overrides(preset("test"), change)
+    from cnn3d.multiteacher import teacher_configs
+
+    teachers = teacher_configs(with_overrides(preset("test"), {"teacher.extra": "cls:cls,big:mean:/m/x"}))
+    assert [(n, t.pooling, t.model) for n, t in teachers.items()] == [
+        ("main", "mean", "all-MiniLM-L6-v2"), ("cls", "cls", "all-MiniLM-L6-v2"), ("big", "mean", "/m/x")]
