@@ -53,7 +53,7 @@ def test_init_from_is_a_plain_setting():
 
 # --------------------------------------------------------------------------- real studies (tiny cubes)
 
-TINY = {"lattice.steps": 4, "lattice.state_size": 8, "data.max_sentences": 64, "train.batch_size": 16,
+TINY = {"lattice.steps": 2, "lattice.state_size": 4, "data.max_sentences": 48, "train.batch_size": 16,
         "train.main_epochs": 2, "train.num_threads": 1}
 
 
