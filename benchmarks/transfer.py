@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each target run")
     parser.add_argument("--target", default="wide", help="preset of the larger cube")
     parser.add_argument("--grow", default="8x2", help="train.grow_schedule of the growing run ('' skips it)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="add an arm transferred with train.init_fresh_directions=true (docs/transfer.md)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -94,11 +96,19 @@ def main() -> None:
         print(f"before training: scratch val_cosine {untrained['val_cosine']:.4f} | transferred "
               f"{after['val_cosine']:.4f} ({after['val_cosine'] / ceiling:.3f} of ceiling; transfer step "
               f"{transfer_seconds:.1f}s) | source on its own face {sm['val_cosine']:.4f}")
+        fresh_cfg = with_overrides(transfer_cfg, {"train.init_fresh_directions": True})
+        if args.fresh:
+            seeded, _ = initial_student(fresh_cfg, data.teacher_dim, device)
+            fresh_after = evaluate(seeded, data, fresh_cfg, device, None)["metrics"]["val_cosine"]
+            print(f"before training: transferred with fresh directions {fresh_after:.4f} "
+                  f"({fresh_after / ceiling:.3f} of ceiling)")
 
         runs = {
             "scratch": curve(train(target_cfg, data=data, progress=False).history),
             "transfer": curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds),
         }
+        if args.fresh:
+            runs["transfer+fresh"] = curve(train(fresh_cfg, data=data, progress=False).history, transfer_seconds)
         if args.grow:
             grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow})
             runs[f"grow {args.grow}"] = curve(train(grow_cfg, data=data, progress=False).history)
@@ -112,7 +122,7 @@ def report(runs: dict[str, list], ceiling: float, args) -> None:
     print("\nepochs (seconds) to reach a fraction of the ceiling")
     for frac in FRACTIONS:
         cells = []
-        for name, points in list(runs.items())[:2]:
+        for name, points in [(n, p) for n, p in runs.items() if not n.startswith("grow")]:
             hit = first_reaching(points, frac * ceiling)
             cells.append(f"{name} {hit[0]} ({hit[1]:.0f}s)" if hit else f"{name} not in {args.epochs}")
         print(f"  {frac:.1f} x ceiling: " + " | ".join(cells))

@@ -310,6 +310,12 @@ def train_cli(preset_name, corpus, then_corpus, out_dir, resume_from, init_from,
         f"val_mse {m['val_mse']:.5f} | decode top1 {m['decode_top1']:.3f} top5 {m['decode_top5']:.3f} | "
         f"{m['throughput_samples_per_s']:.0f} samples/s | {result.seconds:.0f} s"
     )
+    for name in (k.split("/", 1)[1] for k in m if k.startswith("val_cosine_fraction/")):  # teacher.extra runs
+        click.echo(f"teacher {name}: val_cosine {m['val_cosine/' + name]:.4f} = {m['val_cosine_fraction/' + name]:.1%} "
+                   f"of its pca {m['baseline_pca_cosine/' + name]:.4f} (mean {m['baseline_mean_cosine/' + name]:.4f}) | "
+                   f"decode top1 {m['decode_top1/' + name]:.3f}")
+    if "val_cosine_fraction" in m:
+        click.echo(f"val_cosine_fraction {m['val_cosine_fraction']:.4f} (mean over teachers of val_cosine / pca)")
     if metrics_json:
         _write_metrics_json(metrics_json, m, config, result.examples)
     if out_dir:
@@ -383,14 +389,29 @@ def train_main() -> None:
 @click.option("--bank", default=None, type=click.Path(dir_okay=False),
               help="Extra phrases (one per line) for the decoder's bank, beside validation and built-in sentences.")
 @click.option("--top", default=3, show_default=True, type=click.IntRange(1, 20), help="Candidates shown per text.")
+@click.option("--teacher", "teacher_name", default=None,
+              help="Several-teacher checkpoints: decode with this teacher only (default: each teacher in turn).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning")
 @click.argument("texts", nargs=-1, required=True)
 @run_cli
-def decode_cli(checkpoint_dir, bank, top, log_level, texts) -> None:
+def decode_cli(checkpoint_dir, bank, top, teacher_name, log_level, texts) -> None:
     """Print what the trained student's output for each TEXT decodes to (nearest bank phrases by cosine)."""
     setup_logging(log_level)
+    from .checkpoint import read_checkpoint_meta
     from .decode import decode_with_checkpoint
 
+    if "teachers" in read_checkpoint_meta(checkpoint_dir)[1]:  # one cube, several teachers (teacher.extra)
+        from .multiteacher import decode_checkpoint
+
+        for name, results in decode_checkpoint(checkpoint_dir, list(texts), bank, top, teacher_name).items():
+            click.echo(f"teacher {name}:")
+            for result in results:
+                click.echo(f"  {result.text}  (student vs teacher cosine {result.fidelity:.3f})")
+                for phrase, score in result.candidates:
+                    click.echo(f"    {score:.3f}  {phrase}")
+        return
+    if teacher_name is not None:
+        raise UserError(f"--teacher {teacher_name}: {checkpoint_dir} was trained with one teacher; drop --teacher")
     for result in decode_with_checkpoint(checkpoint_dir, list(texts), bank, top):
         click.echo(f"{result.text}  (student vs teacher cosine {result.fidelity:.3f})")
         for phrase, score in result.candidates:

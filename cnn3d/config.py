@@ -89,6 +89,10 @@ class TeacherConfig:
     embedding_dim: int = param(
         0, "Expected teacher dimension; 0 takes it from the model (a mismatch is an error).", low=0, high=16384, tune=False
     )
+    extra: tuple[str, ...] = param(
+        (), "Further teachers on the same cube, NAME:POOLING[:MODEL] (model defaults to teacher.model), e.g. cls:cls; "
+        "the teacher.model one is called main (docs/transfer.md).", tune=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -206,10 +210,19 @@ class TrainConfig:
     eval_every: int = param(1, "Validate every N epochs (the last epoch is always validated).", low=1, high=1000, tune=False)
     emergence_nulls: bool = param(True, "At the last epoch, measure every emergence metric beside its untrained-cube and shuffled nulls.", tune=False)
     init_from: str = param(
-        "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md).", tune=False
+        "", "Checkpoint folder whose weights start this run, transferred to this lattice's size (see docs/transfer.md); "
+        "'' or none = from scratch.", tune=False
     )
     grow_schedule: str = param(
         "none", "Grow the cube while training: SIZExEPOCHS stages joined by '+' (8x2+12x2), then lattice.size; 'none' = fixed size.", tune=False
+    )
+    init_fresh_directions: bool = param(
+        False, "Transfer to a larger face (train.init_from, growing): keep fresh initial weights in the face maps along "
+        "the face directions interpolation cannot reach, instead of zeros (docs/transfer.md).", tune=False,
+    )
+    new_teacher_epochs: int = param(
+        1, "With train.init_from and teacher.extra naming teachers the checkpoint lacks: the first N main epochs train "
+        "only their new maps (cube and other maps frozen), the rest train everything.", low=0, high=1000, tune=False,
     )
 
 
@@ -420,6 +433,8 @@ def check_value(spec: FieldSpec, value: Any) -> None:
         raise ConfigError(f"{spec.key}={value!r} is not a finite number; give a number{allowed}")
     if numeric and (spec.low is not None and value < spec.low or spec.high is not None and value > spec.high):
         raise ConfigError(f"{spec.key}={value!r} is out of range [{spec.low}, {spec.high}]")
+    if spec.key in VALUE_CHECKS:  # string keys with a grammar: malformed values fail here, at parse time
+        VALUE_CHECKS[spec.key](value)
 
 
 def validate(config: Config) -> None:
@@ -459,6 +474,10 @@ def validate(config: Config) -> None:
             f"train.grow_schedule={config.train.grow_schedule} uses {sum(e for _, e in stages)} of the "
             f"{config.total_epochs} epochs; leave at least one for lattice.size={config.lattice.size}"
         )
+    if config.teacher.extra and (config.train.warmup_epochs or config.train.fine_tune_epochs or stages
+                                 or config.data.domains):
+        raise ConfigError("teacher.extra (several teachers) trains train.main_epochs only: set train.warmup_epochs, "
+                          "train.fine_tune_epochs to 0, train.grow_schedule to none and leave data.domains empty")
     validate_continual(config)
 
 
@@ -477,6 +496,27 @@ def grow_stages(schedule: str) -> list[tuple[int, int]]:
             raise ConfigError(f"train.grow_schedule={schedule!r}: sizes must lie in [2, 128] and epochs be >= 1")
         stages.append(stage)
     return stages
+
+
+def parse_extra_teachers(entries: typing.Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``teacher.extra`` entries ``NAME:POOLING[:MODEL]`` -> ``{name: (pooling, model or '')}`` ('' = teacher.model)."""
+    out: dict[str, tuple[str, str]] = {}
+    for entry in entries:
+        name, _, rest = entry.strip().partition(":")
+        pooling, _, model = rest.partition(":")
+        name, pooling, model = name.strip(), pooling.strip(), model.strip()
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or pooling not in ("mean", "cls"):
+            raise ConfigError(f"teacher.extra entry {entry!r} is malformed; write NAME:POOLING[:MODEL] with POOLING "
+                              "mean or cls, e.g. teacher.extra=cls:cls or distil:mean:/models/distilbert")
+        if name == PRIMARY_TEACHER or name in out:
+            raise ConfigError(f"teacher.extra: the name {name!r} is taken (twice in the list, or {PRIMARY_TEACHER!r}: "
+                              "teacher.model's own teacher); give every extra teacher its own name")
+        out[name] = (pooling, model)
+    return out
+
+
+PRIMARY_TEACHER = "main"  # the name of teacher.model's teacher in a multi-teacher run (val_cosine/main)
+VALUE_CHECKS = {"train.grow_schedule": grow_stages, "teacher.extra": parse_extra_teachers}
 
 
 def validate_continual(config: Config) -> None:

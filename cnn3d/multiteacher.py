@@ -16,6 +16,7 @@ and the other maps frozen; a second call without ``train_only`` fine-tunes every
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ import torch.nn as nn
 from . import metrics as M
 from .cache import EmbeddingCache, embed_with_cache
 from .checkpoint import load_weights, read_checkpoint_meta, save_checkpoint
-from .config import Config, TeacherConfig, from_dict, to_dict
+from .config import PRIMARY_TEACHER, Config, TeacherConfig, from_dict, parse_extra_teachers, to_dict
 from .data import load_corpus
 from .decode import PhraseBank, build_bank
 from .errors import UserError
@@ -82,8 +83,17 @@ class MultiTeacherStudent(nn.Module):
         self.teacher_dims[name] = dim
         self.heads[name] = self._new_head(dim)
 
-    def forward(self, embedding: torch.Tensor, teacher: str) -> StudentOutput:
-        maps = self.maps(teacher)
+    @property
+    def expert_names(self) -> list[str]:
+        return self.core.expert_names
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return self.core.dims
+
+    def forward(self, embedding: torch.Tensor, teacher: str | None = None) -> StudentOutput:
+        """The student's output for ``teacher``'s embeddings ``[B, T_teacher]`` (default: the first teacher)."""
+        maps = self.maps(teacher or self.first)
         face_in = maps.to_face(embedding)  # [B, F, H, W]
         state, gates, activity = self.core.run_lattice(face_in)
         face_out = self.core.face_io.readout(state[:, :, -1])
@@ -147,8 +157,9 @@ def evaluate_multi(student: MultiTeacherStudent, data: MultiData, batch: int = 2
     metrics: dict[str, float] = {}
     fractions = []
     for name, td in data.teachers.items():
-        pred = torch.cat([student(td.val[i : i + batch], name).embedding.float() for i in range(0, len(td.val), batch)])
-        cosine = M.mean_cosine(pred, td.val)
+        pred = torch.cat([student(td.val[i : i + batch], name).embedding.float().cpu()
+                          for i in range(0, len(td.val), batch)])
+        cosine = M.mean_cosine(pred, td.val.cpu())
         ceiling = td.baselines["baseline_pca_cosine"]
         metrics[f"val_cosine/{name}"] = cosine
         metrics[f"baseline_pca_cosine/{name}"] = ceiling
@@ -225,13 +236,14 @@ def _teacher_loss(student, name: str, target: torch.Tensor, config: Config) -> t
 
 
 def save_multi(folder: str | Path, student: MultiTeacherStudent, teachers: Mapping[str, TeacherConfig],
-               metrics: dict[str, float] | None = None) -> Path:
+               metrics: dict[str, float] | None = None, extra_meta: Mapping[str, Any] | None = None) -> Path:
     """A checkpoint folder (same files as ``cnn3d-train --out``) with every teacher in ``meta.json``."""
     meta = {
         "teacher_dim": student.teacher_dims[student.first],
         "teachers": {n: {"dim": student.teacher_dims[n], "config": to_dict(Config(teacher=teachers[n]))["teacher"]}
                      for n in student.teachers},
         "metrics": metrics or {},
+        **(extra_meta or {}),
     }
     return save_checkpoint(folder, student, student.config, meta)
 
@@ -264,3 +276,211 @@ def decode_multi(student: MultiTeacherStudent, teachers: Mapping[str, TeacherCon
 def as_single(student: MultiTeacherStudent) -> LatticeStudent:
     """The shared cube with the first teacher's maps: a plain student, e.g. for ``cnn3d.transfer``."""
     return student.core
+
+
+# --------------------------------------------------------------------------- cnn3d-train with teacher.extra
+
+
+def teacher_configs(config: Config) -> dict[str, TeacherConfig]:
+    """Every teacher of a run by name: ``main`` (``teacher.*``) first, then ``teacher.extra`` in order.
+
+    An extra teacher shares ``teacher.*`` except its pooling and (when given) its model.
+    """
+    base = dataclasses.replace(config.teacher, extra=())
+    out = {PRIMARY_TEACHER: base}
+    for name, (pooling, model) in parse_extra_teachers(config.teacher.extra).items():
+        out[name] = dataclasses.replace(base, pooling=pooling, model=model or base.model, embedding_dim=0)
+    return out
+
+
+def multi_data_from(data, teachers: Mapping[str, Any], config: Config) -> MultiData:
+    """``MultiData`` from the main teacher's prepared ``TrainingData`` plus loaded extra ``teachers`` (name -> Teacher).
+
+    Each teacher's bank is the corpus (train + validation) embedded by that teacher, so ``decode_top1/<t>`` has
+    the same candidates for every teacher; the extra teachers embed nothing beyond the corpus (shared cache).
+    """
+    from .train import baselines
+
+    texts = list(dict.fromkeys(data.train_texts + data.val_texts))
+    main_vectors = torch.cat([data.train, data.val])
+    row = {t: i for i, t in enumerate(data.train_texts + data.val_texts)}  # first occurrence wins below
+    main_bank = main_vectors[[row[t] for t in texts]]
+    base = baselines(data, config)
+    out = {PRIMARY_TEACHER: TeacherData(data.train, data.val, build_bank(texts, main_bank), {
+        "baseline_pca_cosine": base["baseline_pca_cosine"], "baseline_mean_cosine": base["baseline_mean_cosine"]})}
+    cache = EmbeddingCache.from_config(config.data)
+    k = config.lattice.face_numbers
+    for name, teacher in teachers.items():
+        vectors = embed_with_cache(teacher, texts, cache)
+        index = {t: i for i, t in enumerate(texts)}
+        train, val = (vectors[[index[t] for t in ts]] for ts in (data.train_texts, data.val_texts))
+        out[name] = TeacherData(train, val, build_bank(texts, vectors), {
+            "baseline_pca_cosine": M.baseline_pca_cosine(train, val, k),
+            "baseline_mean_cosine": M.baseline_mean_cosine(train, val),
+        })
+    return MultiData(data.train_texts, data.val_texts, out)
+
+
+def load_source(folder: str | Path) -> tuple[MultiTeacherStudent, dict[str, TeacherConfig]]:
+    """Any checkpoint as a multi-teacher student: a single-teacher one becomes one with its teacher as ``main``."""
+    from .transfer import load_student
+
+    _, meta = read_checkpoint_meta(folder)
+    if "teachers" in meta:
+        return load_multi(folder)
+    single, config, _ = load_student(folder)
+    student = MultiTeacherStudent(config, {PRIMARY_TEACHER: single.teacher_dim})
+    student.core.load_state_dict(single.state_dict())
+    return student, {PRIMARY_TEACHER: config.teacher}
+
+
+def initial_multi(config: Config, teacher_dims: Mapping[str, int],
+                  teachers: Mapping[str, TeacherConfig]) -> tuple[MultiTeacherStudent, dict[str, Any], list[str]]:
+    """The run's student, the transfer table (meta ``transfer``) and the teachers new to it.
+
+    With ``train.init_from`` the cube comes from that checkpoint by ``cnn3d.transfer`` (any lattice size); every
+    teacher the checkpoint knows by name keeps its maps (resampled when the face changed); the others are new.
+    """
+    from .transfer import init_source, log_table, transfer_maps, transfer_weights
+
+    student = MultiTeacherStudent(config, teacher_dims)
+    if not init_source(config):
+        return student, {}, []
+    source, source_teachers = load_source(config.train.init_from)
+    table = transfer_weights(source.core, student.core, config.train.init_fresh_directions)  # names what cannot
+    table.source = str(config.train.init_from)
+    table.copied = [f"core.{e}" for e in table.copied]
+    table.resampled = [f"core.{e}" for e in table.resampled]
+    table.fresh = [f"core.{e}" for e in table.fresh]
+    for name in student.heads:
+        if name in source.teacher_dims:
+            transfer_maps(source.maps(name), student.heads[name], f"heads.{name}.", table)
+    table.dropped += [f"maps of teacher {n}" for n in source.teachers if n not in student.teacher_dims]
+    for name, tcfg in teachers.items():
+        old = source_teachers.get(name)
+        if old is not None and (old.model, old.pooling, old.normalize) != (tcfg.model, tcfg.pooling, tcfg.normalize):
+            logger.warning("teacher %r of train.init_from was %s/%s; its maps start from another space", name,
+                           old.model, old.pooling)
+    log_table(table)
+    return student, {"transfer": table.as_dict()}, [n for n in student.teachers if n not in source.teacher_dims]
+
+
+def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir, resume_from, show: bool, data=None):
+    """``cnn3d.train.train`` for ``teacher.extra``: one cube, every teacher, metrics per teacher, a checkpoint a
+    epoch that ``cnn3d-decode`` decodes with each teacher. Returns a ``TrainResult`` (``model``: the
+    ``MultiTeacherStudent``).
+
+    Each batch runs the cube once per teacher and averages the losses (AdamW at ``train.lr``, gradient
+    clipping, no schedule). With ``train.init_from``, teachers the checkpoint lacks first train alone for
+    ``train.new_teacher_epochs`` of the ``train.main_epochs`` (the frozen-cube stage).
+    """
+    from .train import EpochReport, TrainResult, prepare_data
+    from .transfer import precheck
+
+    if resume_from is not None:
+        raise UserError("--resume does not support several teachers (teacher.extra) yet; train into a new --out, "
+                        "e.g. with --init-from the checkpoint")
+    started = time.perf_counter()
+    teachers = teacher_configs(config)
+    # an unloadable teacher or a bad train.init_from fails here: before any embedding, epoch or write
+    precheck(config)
+    extra = {n: _load_extra(n, t, device) for n, t in teachers.items() if n != PRIMARY_TEACHER}
+    data = data or prepare_data(config, device, progress=show)
+    multi = multi_data_from(data, extra, config)
+    dims = {n: td.train.shape[1] for n, td in multi.teachers.items()}
+    student, meta, new = initial_multi(config, dims, teachers)
+    student.to(device)
+    frozen_epochs = min(config.train.new_teacher_epochs, config.train.main_epochs) if new else 0
+    multi = MultiData(multi.train_texts, multi.val_texts,
+                      {n: TeacherData(td.train.to(device), td.val.to(device), td.bank, td.baselines)
+                       for n, td in multi.teachers.items()})
+    generator = torch.Generator().manual_seed(config.train.seed)
+    history, examples, params, optimizer = [], [], None, None
+    total = config.train.main_epochs
+    for epoch in range(total):
+        frozen = epoch < frozen_epochs
+        if optimizer is None or epoch == frozen_epochs:  # the frozen-cube stage, then everything
+            params = student.trainable(new if frozen else ())
+            optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        epoch_start = time.perf_counter()
+        loss = _epoch(student, multi, config, optimizer, params, generator)
+        train_seconds = time.perf_counter() - epoch_start
+        metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": config.train.lr,
+                   "train_sentences": float(len(multi.train_texts)),
+                   "throughput_samples_per_s": len(multi.train_texts) / max(train_seconds, 1e-9),
+                   **data.cache_metrics, **_main_metrics(student, data, config, device),
+                   **evaluate_multi(student, multi)}
+        examples = metrics.pop("_examples")
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+        history.append(metrics)
+        logger.info("epoch %d/%d%s: val_cosine_fraction %.4f (%s)", epoch + 1, total, " (new maps only)" if frozen
+                    else "", metrics["val_cosine_fraction"],
+                    ", ".join(f"{n} {metrics[f'val_cosine/{n}']:.4f} of pca {metrics[f'baseline_pca_cosine/{n}']:.4f}"
+                              for n in multi.teachers))
+        if out_dir is not None:
+            save_multi(out_dir, student, teachers, metrics, {"epochs_done": epoch + 1, "new_teachers": new, **meta})
+        report = EpochReport(epoch + 1, total, "new_teacher" if frozen else "main", metrics, examples)
+        for callback in callbacks:
+            callback(report)
+    student.trainable(())
+    return TrainResult(history[-1], history, examples, config, student, time.perf_counter() - started,
+                       Path(out_dir) if out_dir else None, meta.get("transfer"))
+
+
+def _load_extra(name: str, tcfg: TeacherConfig, device):
+    try:
+        return load_teacher(tcfg, device)
+    except UserError as exc:
+        raise UserError(f"teacher.extra {name}: {exc}") from None
+
+
+@torch.no_grad()
+def _main_metrics(student: MultiTeacherStudent, data, config: Config, device) -> dict[str, Any]:
+    """The single-teacher names for the main teacher (val_cosine, baselines, decode on the usual bank), so
+    reports, the CLI line and the tuner read a multi-teacher run like any other."""
+    from .train import baselines
+
+    student.eval()
+    b = config.train.batch_size
+    pred = torch.cat([student(data.val[i : i + b].to(device)).embedding.float().cpu()
+                      for i in range(0, len(data.val), b)])
+    top1, top5 = data.bank.accuracy(pred, data.val_texts, k=5)
+    return {"val_cosine": M.mean_cosine(pred, data.val), "val_mse": nn.functional.mse_loss(pred, data.val).item(),
+            "decode_top1": top1, "decode_top5": top5, **baselines(data, config),
+            "_examples": [e.as_dict() for e in data.bank.examples(pred, data.val_texts, n=8)]}
+
+
+def decode_checkpoint(checkpoint: str | Path, texts: list[str], bank_file: str | None = None, top: int = 3,
+                      only: str | None = None) -> dict[str, list]:
+    """``cnn3d-decode`` for a multi-teacher checkpoint: per teacher (or ``only``), ``cnn3d.decode.Decoding``s of
+    ``texts`` embedded by that teacher, through the cube, against the bank of ``cnn3d.decode.bank_texts``
+    embedded by the same teacher."""
+    import torch.nn.functional as F
+
+    from .config import with_overrides
+    from .decode import Decoding, bank_texts
+    from .device import resolve_device
+
+    config, _ = read_checkpoint_meta(checkpoint)
+    if bank_file:
+        config = with_overrides(config, {"data.decode_bank": bank_file})
+    device = resolve_device(config.train.device)
+    student, teachers = load_multi(checkpoint, device)
+    if only is not None:
+        student.maps(only)  # an unknown name is one line listing the known ones
+        teachers = {only: teachers[only]}
+    student.eval()
+    phrases = bank_texts(load_corpus(config.data), config.data, texts)
+    cache = EmbeddingCache.from_config(config.data)
+    out = {}
+    for name, tcfg in teachers.items():
+        teacher = load_teacher(tcfg, device)
+        bank = build_bank(phrases, embed_with_cache(teacher, phrases, cache))
+        targets = embed_with_cache(teacher, texts, cache).to(device)
+        with torch.no_grad():
+            outputs = student(targets, name).embedding.float().cpu()
+        scores, idx = bank.search(outputs, k=top)
+        fidelity = F.cosine_similarity(outputs, targets.cpu(), dim=-1)
+        out[name] = [Decoding(t, [(bank.texts[i], sc) for i, sc in zip(r_idx.tolist(), r_sc.tolist())], f.item())
+                     for t, r_idx, r_sc, f in zip(texts, idx, scores, fidelity)]
+    return out

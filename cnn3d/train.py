@@ -73,7 +73,12 @@ CONTINUAL_METRICS = ("avg_final_cosine", "forgetting", "new_domain_cosine", "las
 def is_reported_metric(name: str) -> bool:
     """Whether ``name`` is a metric ``train`` reports (usable as a tuner objective)."""
     return (name in REPORTED_METRICS or name.startswith("expert_usage_") or name in CONTINUAL_METRICS
-            or name.startswith("cl_"))
+            or name.startswith("cl_") or name == "val_cosine_fraction" or name.startswith(MULTI_TEACHER_PREFIXES))
+
+
+# Reported by runs with teacher.extra (cnn3d.multiteacher), per teacher name, plus val_cosine_fraction.
+MULTI_TEACHER_PREFIXES = ("val_cosine/", "val_cosine_fraction/", "baseline_pca_cosine/", "baseline_mean_cosine/",
+                          "decode_top1/")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -100,6 +105,7 @@ class TrainResult:
     model: LatticeStudent
     seconds: float
     checkpoint: Path | None = None
+    transfer: dict[str, Any] | None = None  # the train.init_from table (cnn3d.transfer), when the run had one
 
 
 @dataclass
@@ -320,6 +326,10 @@ def train(
                 from .continual import train_continual
 
                 return train_continual(config, device, callbacks, out_dir, resume_from, show)
+            if config.teacher.extra:  # several teachers on one cube (cnn3d.multiteacher)
+                from .multiteacher import train_multiteacher
+
+                return train_multiteacher(config, device, callbacks, out_dir, resume_from, show, data)
             return _train(config, device, callbacks, out_dir, resume, show, data)
     finally:
         torch.set_num_threads(previous_threads)
@@ -404,7 +414,8 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
             callback(report)
     final = history[-1] if history else {}
     seconds = time.perf_counter() - started
-    return TrainResult(final, history, examples, config, model, seconds, Path(out_dir) if out_dir else None)
+    return TrainResult(final, history, examples, config, model, seconds, Path(out_dir) if out_dir else None,
+                       transfer_meta.get("transfer"))
 
 
 def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:

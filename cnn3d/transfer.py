@@ -81,6 +81,10 @@ class TransferTable:
 def load_student(folder: str | Path, device: torch.device | str = "cpu") -> tuple[LatticeStudent, Config, dict]:
     """A checkpoint folder as (model, config, meta); a folder that is not a readable checkpoint is a ``UserError``."""
     config, meta = read_checkpoint_meta(folder)
+    if "teachers" in meta:  # a multi-teacher checkpoint: its cube with the first teacher's maps
+        from .multiteacher import load_multi
+
+        return load_multi(folder, device)[0].core, config, meta
     if "teacher_dim" not in meta:
         raise UserError(f"{folder}/meta.json has no teacher_dim; pass a folder written by cnn3d-train --out")
     model = build_model(config, int(meta["teacher_dim"]))
@@ -123,6 +127,19 @@ def resample_face(t: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tu
     return out.movedim(-1, axis).to(t.dtype)
 
 
+def fresh_complement(fresh: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tuple[int, int, int]) -> torch.Tensor:
+    """The part of ``fresh`` (a target tensor at initialisation) along face directions a grown face cannot get
+    from the source: ``fresh (I - A pinv(A))`` on ``axis``, ``A`` the interpolation from ``src`` to ``dst``.
+
+    ``A pinv(A) = (A_h pinv(A_h)) (x) (A_w pinv(A_w))`` is the symmetric projector onto the interpolated faces,
+    so the same product serves weights that write the face (rows) and weights that read it (columns).
+    """
+    q_h, q_w = (a @ torch.linalg.pinv(a) for a in (_interp_matrix(src[1], dst[1]), _interp_matrix(src[2], dst[2])))
+    v = _face_view(fresh.float(), axis, dst)  # [..., F, H', W']
+    inside = torch.einsum("ia,...fab,jb->...fij", q_h, v, q_w).reshape(*v.shape[:-3], dst[0] * dst[1] * dst[2])
+    return (fresh.float() - inside.movedim(-1, axis)).to(fresh.dtype)
+
+
 def _face_axis(name: str, src: torch.Tensor, dst: torch.Tensor, n_src: int, n_dst: int) -> int | None:
     """The axis indexed by face position in both tensors, or None when the shapes do not line up."""
     if src.dim() != dst.dim():
@@ -157,9 +174,15 @@ def _cell_problems(source: LatticeStudent, target: LatticeStudent) -> list[str]:
     return sorted(set(problems))
 
 
+def init_source(config: Config) -> str:
+    """``train.init_from``, or ``''`` when it is empty or ``none`` (a tuner sweep's from-scratch value)."""
+    value = config.train.init_from.strip()
+    return "" if value.lower() in ("", "none") else value
+
+
 def precheck(config: Config) -> None:
     """Fail fast, before any data work, when ``train.init_from`` is no checkpoint or has another cell."""
-    if not config.train.init_from:
+    if not init_source(config):
         return
     source, _ = read_checkpoint_meta(config.train.init_from)
     keys = ("lattice.state_size", "moe.experts", "moe.local_hidden", "moe.functional_radius", "moe.distant_links")
@@ -195,10 +218,14 @@ def _entry(name: str, src: torch.Tensor | None, dst: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent) -> TransferTable:
+def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent,
+                     fresh_directions: bool = False) -> TransferTable:
     """Fill ``target`` from ``source`` (a student or a checkpoint folder); returns what was done to each tensor.
 
-    Raises ``TransferError`` (a ``UserError``) when the cell, expert set or teacher dimension differ.
+    ``fresh_directions`` (``train.init_fresh_directions``): when the face grows, the face maps' matrices also
+    keep the target's initial weights along the face directions interpolation cannot reach (see
+    ``fresh_complement``). Raises ``TransferError`` (a ``UserError``) when the cell, expert set or teacher
+    dimension differ.
     """
     name = str(source) if isinstance(source, (str, Path)) else "a student"
     if isinstance(source, (str, Path)):
@@ -210,7 +237,8 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     buffers = {k for k, _ in target.named_buffers()}
     new_state = {}
     for key, dst in target.state_dict().items():
-        new_state[key] = _transfer_one(key, src_state.get(key), dst, key in buffers, src_face, dst_face, table)
+        new_state[key] = _transfer_one(key, src_state.get(key), dst, key in buffers, src_face, dst_face, table,
+                                       fresh_directions)
     target.load_state_dict(new_state, strict=True)
     persistent = set(new_state)
     table.redrawn += [_entry(k, None, b) + " (rebuilt at construction)" for k, b in target.named_buffers()
@@ -219,7 +247,22 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     return table
 
 
-def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferTable) -> torch.Tensor:
+@torch.no_grad()
+def transfer_maps(source: torch.nn.Module, target: torch.nn.Module, prefix: str, table: TransferTable) -> None:
+    """Fill one teacher's face maps (an ``EmbeddingTransformer``) from another's, resampled over the face like
+    a student's ``transform.*``; entries join ``table`` named ``prefix + name``."""
+    sub = TransferTable(table.source, [], [])
+    src_state = {k: v.detach().cpu() for k, v in source.state_dict().items()}
+    buffers = {k for k, _ in target.named_buffers()}
+    new_state = {k: _transfer_one(FACE_PREFIX + k, src_state.get(k), dst, k in buffers, source.face, target.face, sub)
+                 for k, dst in target.state_dict().items()}
+    target.load_state_dict(new_state, strict=True)
+    for action in ("copied", "resampled", "fresh", "redrawn"):
+        getattr(table, action).extend(prefix + e[len(FACE_PREFIX):] for e in getattr(sub, action))
+
+
+def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferTable,
+                  fresh_directions: bool = False) -> torch.Tensor:
     """The value ``key`` gets in the target, recording the action in ``table``."""
     face_changed = src_face != dst_face and key.startswith(FACE_PREFIX)
     if is_buffer:  # fixed patterns: the target's own, drawn by the same rule at its size
@@ -235,8 +278,13 @@ def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferT
         n_src, n_dst = src_face[0] * src_face[1] * src_face[2], dst_face[0] * dst_face[1] * dst_face[2]
         axis = _face_axis(key, src, dst, n_src, n_dst)
         if axis is not None:
-            table.resampled.append(_entry(key, src, dst))
-            return resample_face(src, axis, src_face, dst_face, key.startswith(READ_SIDE)).to(dst.device)
+            out = resample_face(src, axis, src_face, dst_face, key.startswith(READ_SIDE)).to(dst.device)
+            if fresh_directions and dst.dim() == 2 and n_dst > n_src:  # a matrix on a grown face: no saddle
+                out = out + fresh_complement(dst, axis, src_face, dst_face).to(out.device)
+                table.resampled.append(_entry(key, src, dst) + " + fresh directions")
+            else:
+                table.resampled.append(_entry(key, src, dst))
+            return out
         if src.shape == dst.shape:  # not indexed by the face (an output bias): same meaning
             table.copied.append(_entry(key, src, dst))
             return src.to(dst.device, dst.dtype)
@@ -265,7 +313,7 @@ def stage_config(config: Config, epoch: int) -> Config:
 def grow(model: LatticeStudent, config: Config, device: torch.device) -> tuple[LatticeStudent, TransferTable]:
     """A new student for ``config`` (seeded by ``train.seed``), filled from ``model`` by ``transfer_weights``."""
     target = build_model(config, model.teacher_dim)
-    table = transfer_weights(model, target)
+    table = transfer_weights(model, target, config.train.init_fresh_directions)
     table.source = "x".join(map(str, model.dims))
     return target.to(device), table
 
@@ -291,10 +339,10 @@ def initial_student(config: Config, teacher_dim: int, device: torch.device,
         first = max(0, int(meta.get("epochs_done", 0)) - 1)
         extra = {k: meta[k] for k in ("transfer", "grow") if k in meta}
     model = build_model(stage_config(config, first), teacher_dim)
-    if config.train.init_from and not resume_from:
+    if init_source(config) and not resume_from:
         source, source_config, _ = load_student(config.train.init_from)
         _warn_other_teacher(source_config, config)
-        table = transfer_weights(source, model)
+        table = transfer_weights(source, model, config.train.init_fresh_directions)
         table.source = str(config.train.init_from)
         log_table(table)
         extra["transfer"] = table.as_dict()

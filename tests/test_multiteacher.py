@@ -1,4 +1,5 @@
-"""Several teachers on one lattice: MiniLM mean and CLS pooling (two spaces) and a local 768-D DistilBERT."""
+"""Several teachers on one lattice (teacher.extra): MiniLM mean and CLS pooling (two spaces) and a local 768-D
+DistilBERT, from cnn3d-train and cnn3d-decode."""
 
 import pytest
 import torch
@@ -6,15 +7,7 @@ import torch
 from cnn3d import preset, with_overrides
 from cnn3d.config import TeacherConfig
 from cnn3d.errors import UserError
-from cnn3d.multiteacher import (
-    MultiTeacherStudent,
-    decode_multi,
-    evaluate_multi,
-    load_multi,
-    prepare_multi,
-    save_multi,
-    train_multi,
-)
+from cnn3d.multiteacher import load_multi, prepare_multi, train_multi
 
 SMALL = {"lattice.size": 4, "lattice.steps": 4, "lattice.state_size": 8, "data.max_sentences": 64,
          "train.batch_size": 16, "train.main_epochs": 2, "train.lr": 1e-2}
@@ -38,35 +31,14 @@ def distilbert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup(warm_cache):
-    config = with_overrides(preset("test"), {**SMALL, "data.cache_dir": str(warm_cache)})
+    config = with_overrides(preset("test"), {**SMALL, "data.max_sentences": 32, "data.cache_dir": str(warm_cache)})
     teachers = {"mean": TeacherConfig(pooling="mean"), "cls": TeacherConfig(pooling="cls")}
     return config, teachers, prepare_multi(config, teachers, torch.device("cpu"))
 
 
 @pytest.mark.slow
-def test_two_embedding_spaces_train_one_cube_with_metrics_per_teacher(setup):
-    config, _, data = setup
-    mean, cls = data.teachers["mean"], data.teachers["cls"]
-    assert mean.train.shape == cls.train.shape and not torch.allclose(mean.train, cls.train)
-    student = MultiTeacherStudent(config, {"mean": 384, "cls": 384})
-    before = evaluate_multi(student, data)
-    result = train_multi(config, data, student=student)
-    m = result.metrics
-    for name in ("mean", "cls"):
-        assert m[f"baseline_pca_cosine/{name}"] > m[f"baseline_mean_cosine/{name}"]
-        assert m[f"val_cosine/{name}"] > before[f"val_cosine/{name}"]
-        assert 0.0 <= m[f"decode_top1/{name}"] <= 1.0
-    assert m["baseline_pca_cosine/mean"] != m["baseline_pca_cosine/cls"]  # each teacher its own ceiling
-    expected = (m["val_cosine/mean"] / m["baseline_pca_cosine/mean"] + m["val_cosine/cls"] / m["baseline_pca_cosine/cls"]) / 2
-    assert m["val_cosine_fraction"] == pytest.approx(expected)
-    # one cube: the lattice parameters exist once, each teacher has its own maps
-    names = [n for n, _ in student.named_parameters()]
-    assert sum(n.startswith("core.processor.") for n in names) == len(list(student.core.processor.parameters()))
-    assert any(n.startswith("heads.cls.") for n in names)
-
-
-@pytest.mark.slow
-def test_adding_a_teacher_trains_only_its_maps_first_then_everything(setup):
+def test_python_api_adds_a_teacher_training_only_its_maps_first_then_everything(setup):
+    """cnn3d.multiteacher as a library (prepare_multi, train_multi, add_teacher), as benchmarks/multiteacher.py uses it."""
     config, teachers, data = setup
     only_mean = type(data)(data.train_texts, data.val_texts, {"mean": data.teachers["mean"]})
     student = train_multi(config, only_mean, epochs=1).student
@@ -83,23 +55,124 @@ def test_adding_a_teacher_trains_only_its_maps_first_then_everything(setup):
         student.add_teacher("cls", 384)
 
 
+# --------------------------------------------------------------------------- from the command line: teacher.extra
+
+CLI_SETS = ["lattice.size=4", "lattice.steps=4", "lattice.state_size=8", "data.max_sentences=64", "train.batch_size=16",
+            "train.main_epochs=2", "train.lr=1e-2", "train.num_threads=1"]
+
+
+def _invoke(command, *args):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cli_run(warm_cache, tmp_path_factory):
+    """cnn3d-train with a second teacher (MiniLM, CLS pooling) beside the main one (mean pooling)."""
+    from cnn3d.cli import train_cli
+    from cnn3d.data import builtin_sentences
+
+    tmp = tmp_path_factory.mktemp("multi-cli")
+    corpus = tmp / "corpus.txt"  # a user corpus: the decode bank is its validation split, not all built-in sentences
+    corpus.write_text("\n".join(builtin_sentences()[:80]) + "\n")
+    sets = [f"--set={s}" for s in [*CLI_SETS, f"data.cache_dir={warm_cache}", f"data.corpus={corpus}"]]
+    run = _invoke(train_cli, *sets, "--set=teacher.extra=cls:cls", "--out", tmp / "ckpt", "--metrics-json",
+                  tmp / "metrics.json")
+    assert run.exit_code == 0, run.output
+    return tmp, sets, run
+
+
+def test_cli_trains_one_cube_with_two_teachers_and_decodes_with_each(cli_run):
+    import json
+
+    from cnn3d.cli import decode_cli
+
+    tmp, _, run = cli_run
+    m = json.loads((tmp / "metrics.json").read_text())
+    for name in ("main", "cls"):  # each teacher beside its own ceiling and floor, on the same split
+        assert m[f"baseline_pca_cosine/{name}"] > m[f"baseline_mean_cosine/{name}"]
+        assert m[f"val_cosine_fraction/{name}"] == pytest.approx(m[f"val_cosine/{name}"] / m[f"baseline_pca_cosine/{name}"])
+    assert m["val_cosine_fraction"] == pytest.approx((m["val_cosine_fraction/main"] + m["val_cosine_fraction/cls"]) / 2)
+    assert m["val_cosine"] == m["val_cosine/main"] and m["config"]["teacher.extra"] == ["cls:cls"]
+    assert "teacher cls: val_cosine" in run.stdout
+    student, teachers = load_multi(tmp / "ckpt")  # one cube: the lattice's parameters once, maps per teacher
+    names = [n for n, _ in student.named_parameters()]
+    assert sum(n.startswith("core.processor.") for n in names) == len(list(student.core.processor.parameters()))
+    assert any(n.startswith("heads.cls.") for n in names) and teachers["cls"].pooling == "cls"
+    texts = ["The cat sat on the mat.", "Rain is expected tomorrow."]
+    decoded = _invoke(decode_cli, "--checkpoint", tmp / "ckpt", *texts)
+    assert decoded.exit_code == 0, decoded.output
+    blocks = decoded.stdout.split("\nteacher ")
+    assert [b.removeprefix("teacher ").split(":")[0] for b in blocks] == ["main", "cls"]
+    assert all(sum(t in b for t in texts) == 2 for b in blocks)
+    only = _invoke(decode_cli, "--checkpoint", tmp / "ckpt", "--teacher", "cls", texts[0])
+    assert only.exit_code == 0 and "teacher main" not in only.stdout and "teacher cls" in only.stdout
+    wrong = _invoke(decode_cli, "--checkpoint", tmp / "ckpt", "--teacher", "other", texts[0])
+    assert wrong.exit_code == 2 and "unknown teacher 'other'" in wrong.stderr
+
+
 @pytest.mark.slow
-def test_768_dimensional_teacher_beside_minilm_round_trips_and_decodes(setup, distilbert, tmp_path):
-    config, _, _ = setup
-    teachers = {"minilm": TeacherConfig(), "distil": TeacherConfig(model=distilbert, pooling="mean")}
-    data = prepare_multi(config, teachers, torch.device("cpu"))
-    assert data.teachers["distil"].train.shape[1] == 768
-    result = train_multi(config, data, epochs=1)
-    assert {"val_cosine/minilm", "val_cosine/distil", "baseline_pca_cosine/distil"} <= set(result.metrics)
-    save_multi(tmp_path / "ckpt", result.student, teachers, result.metrics)
-    loaded, loaded_teachers = load_multi(tmp_path / "ckpt")
-    assert loaded.teacher_dims == {"minilm": 384, "distil": 768}
-    result.student.eval()
-    for name, td in data.teachers.items():
-        torch.testing.assert_close(loaded(td.val[:4], name).embedding, result.student(td.val[:4], name).embedding,
-                                   rtol=0, atol=0)
-    texts = data.val_texts[:3]
-    decoded = decode_multi(loaded, loaded_teachers, texts, data.train_texts + data.val_texts)
-    assert set(decoded) == {"minilm", "distil"} and all(len(v) == 3 for v in decoded.values())
-    with pytest.raises(UserError, match="unknown teacher 'other'"):
-        loaded(data.teachers["minilm"].val[:2], "other")
+def test_init_from_adds_a_768d_teacher_frozen_cube_first_then_everything(cli_run, distilbert, tmp_path):
+    from cnn3d.train import train
+
+    tmp, sets, _ = cli_run
+    source, _ = load_multi(tmp / "ckpt")
+    before = source.state_dict()
+    config = with_overrides(preset("test"), {**dict(s.removeprefix("--set=").split("=", 1) for s in sets),
+                                             "train.init_from": str(tmp / "ckpt"),
+                                             "teacher.extra": f"cls:cls,distil:mean:{distilbert}"})
+    moved = []
+
+    def after_epoch(report):  # the checkpoint of this epoch: which parts moved away from the source?
+        state = load_multi(tmp_path / "grown")[0].state_dict()
+        moved.append(sorted({k.split(".")[1] if k.startswith("heads.") else "core" for k in before
+                             if not torch.equal(state[k], before[k])}))
+
+    result = train(config, out_dir=tmp_path / "grown", progress=False, callbacks=[after_epoch])
+    assert result.model.teacher_dims == {"main": 384, "cls": 384, "distil": 768}
+    assert moved == [[], ["cls", "core"]]  # epoch 1: only the new teacher's maps train; epoch 2: everything
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    table = result.transfer
+    assert any(e.startswith("heads.cls.encode.weight") for e in table["copied"])
+    assert any(e.startswith("core.processor.gate.weight") for e in table["copied"])
+    assert {"val_cosine/distil", "baseline_pca_cosine/distil"} <= set(result.metrics)
+    assert result.metrics["baseline_pca_cosine/distil"] > result.metrics["baseline_mean_cosine/distil"]
+    loaded, _ = load_multi(tmp_path / "grown")  # the saved student gives identical outputs for every teacher
+    result.model.eval()
+    for name, dim in result.model.teacher_dims.items():
+        x = torch.randn(4, dim)
+        torch.testing.assert_close(loaded(x, name).embedding, result.model(x, name).embedding, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "nobody/no-such-model"])
+def test_unloadable_extra_teacher_is_one_line_and_overwrites_nothing(cli_run, model):
+    from cnn3d.cli import train_cli
+
+    tmp, sets, _ = cli_run
+    files = {p.name: p.read_bytes() for p in (tmp / "ckpt").iterdir()}
+    run = _invoke(train_cli, *sets, f"--set=teacher.extra=cls:cls,x:mean:{model}", "--out", tmp / "ckpt",
+                  "--metrics-json", tmp / "new.json")
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert run.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: teacher.extra x:"), run.stderr
+    assert model in errors[0]
+    assert {p.name: p.read_bytes() for p in (tmp / "ckpt").iterdir()} == files and not (tmp / "new.json").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"teacher.extra": "cls"}, "is malformed; write NAME:POOLING[:MODEL]"),
+    ({"teacher.extra": "cls:max"}, "is malformed"),
+    ({"teacher.extra": "main:cls"}, "the name 'main' is taken"),
+    ({"teacher.extra": "a:cls,a:mean"}, "the name 'a' is taken"),
+    ({"teacher.extra": "cls:cls", "train.warmup_epochs": 1}, "trains train.main_epochs only"),
+])
+def test_bad_teacher_extra_is_refused_when_the_config_is_built(change, words):
+    from cnn3d.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        with_overrides(preset("test"), change)
+    from cnn3d.multiteacher import teacher_configs
+
+    teachers = teacher_configs(with_overrides(preset("test"), {"teacher.extra": "cls:cls,big:mean:/m/x"}))
+    assert [(n, t.pooling, t.model) for n, t in teachers.items()] == [
+        ("main", "mean", "all-MiniLM-L6-v2"), ("cls", "cls", "all-MiniLM-L6-v2"), ("big", "mean", "/m/x")]

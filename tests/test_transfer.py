@@ -171,3 +171,21 @@ def test_init_from_bad_input_is_one_line_and_overwrites_nothing(tiny, small_chec
 def test_load_student_rejects_a_folder_without_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not a cnn3d checkpoint"):
         load_student(tmp_path)
+
+
+def test_fresh_directions_break_the_low_rank_start_and_keep_the_carried_face_exact():
+    """Interpolated encoder rows span only the source face's H*W directions; the fill adds the rest, and the
+    decoder's fill reads nothing of an interpolated face, so decode' . A = decode still holds."""
+    source, _ = _student(**{"train.seed": 1})
+    plain, config = _student(**{"lattice.size": 6, "lattice.depth": 4})
+    filled, _ = _student(**{"lattice.size": 6, "lattice.depth": 4})
+    transfer_weights(source, plain)
+    table = transfer_weights(source, filled, fresh_directions=True)
+    assert any(e.startswith("transform.encode.weight") and e.endswith("+ fresh directions") for e in table.resampled)
+    rank = lambda m: int(torch.linalg.matrix_rank(m.detach().double(), rtol=1e-4))  # noqa: E731
+    assert rank(plain.transform.encode.weight) == 16 and rank(filled.transform.encode.weight) == 36
+    face = torch.randn(3, 16)  # a 1x4x4 face, interpolated onto the 6x6 face
+    grown = resample_face(face, 1, (1, 4, 4), (1, 6, 6), read_side=False)
+    for student in (plain, filled):
+        torch.testing.assert_close(grown @ student.transform.decode.weight.T, face @ source.transform.decode.weight.T,
+                                   rtol=1e-4, atol=1e-4)

@@ -106,6 +106,11 @@ class TrialRunner:
                 result = train(config, device=self.device, callbacks=[self._epoch_callback(trial, metrics_log)],
                                progress=False, data=self.data_for(config))
                 trial.set_user_attr("train_seconds", time.perf_counter() - train_start)
+            if result.transfer:  # every trial of a train.init_from study says what it started from
+                moved = {k: result.transfer[k] for k in ("source", "source_dims", "target_dims")}
+                trial.set_user_attr("transfer", moved)
+                self.tracker.set_tags(run_id, {"cnn3d.transfer_source": moved["source"], "cnn3d.transfer_dims":
+                                               f"{moved['source_dims']} -> {moved['target_dims']}"})
             values = [result.metrics[o.metric] for o in self.objectives]
             self._attach_checkpoint(metrics_log.run_id, result, config)
             self._finish(trial, metrics_log, "COMPLETE", result.metrics, result.examples,

@@ -126,6 +126,8 @@ def build_sections(data: ReportData) -> list[Section]:
         builders.insert(4, (_continual_section, "continual", "Continual learning"))
     if data.analysis is not None or data.analysis_note:  # write_report looked for the best trial's analysis
         builders.insert(4, (_analysis_section, "analysis", "Best trial analysis"))
+    if any(_transferred(_setting(data, t, "train.init_from")) for t in data.trials):  # issue 11
+        builders.insert(3, (_transfer_section, "transfer", "Transfer between sizes"))
     sections = []
     for build, anchor, title in builders:
         try:
@@ -979,4 +981,71 @@ def forgetting_figure(trials: list, params: list[str]) -> go.Figure:
                 text=[f"trial {t.number}" for t in pts], hovertemplate="%{text}: %{x} -> %{y:.4f}<extra></extra>"),
                 row=row, col=col)
     fig.update_layout(title="Forgetting against the tuned parameters", height=520)
+    return fig
+
+
+# --------------------------------------------------------------------------- transfer between sizes (issue 11)
+
+
+def _setting(data: ReportData, trial, key: str) -> Any:
+    """A trial's value of ``key``: sampled, else fixed by the study's ``set``, else the preset's."""
+    if key in trial.params:
+        return trial.params[key]
+    if key in data.fixed:
+        return data.fixed[key]
+    from cnn3d.config import flatten, preset
+
+    try:
+        return flatten(preset(data.preset or "test"))[key]
+    except Exception:  # noqa: BLE001 - an unknown preset in an old study: no value
+        return None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _transferred(init_from: Any) -> bool:
+    return str(init_from or "").strip().lower() not in ("", "none")
+
+
+def _transfer_section(data: ReportData) -> Section:
+    section = Section("transfer", "Transfer between sizes: from scratch against train.init_from", intro=(
+        "One panel per <code>lattice.size</code>: every trial's validation cosine per epoch as a fraction of its "
+        "own PCA ceiling (the best linear code through the same face, on the same split), trials started from "
+        "<code>train.init_from</code> against trials trained from scratch. Epoch 1 is after one epoch of training "
+        "(docs/transfer.md)."))
+    fig = transfer_curves_figure(data)
+    section.items.append(fig if fig is not None else Note("No trial reported an epoch with val_cosine."))
+    return section
+
+
+def transfer_curves_figure(data: ReportData) -> go.Figure | None:
+    """Per lattice size: val_cosine / baseline_pca_cosine against epoch, from-scratch and transferred trials."""
+    lines = []  # (size, transferred, trial, epochs, fractions)
+    for t in data.trials:
+        points = [(int(h.get("epoch", i + 1)), h["val_cosine"] / h["baseline_pca_cosine"])
+                  for i, h in enumerate(t.history) if _number(h.get("val_cosine"))
+                  and _number(h.get("baseline_pca_cosine")) and h["baseline_pca_cosine"] > 0]
+        if points:
+            lines.append((_setting(data, t, "lattice.size"), _transferred(_setting(data, t, "train.init_from")), t,
+                          [e for e, _ in points], [v for _, v in points]))
+    if not lines:
+        return None
+    sizes = sorted({line[0] for line in lines}, key=lambda v: (not isinstance(v, (int, float)), v))
+    fig = make_subplots(rows=1, cols=len(sizes), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=[f"lattice.size={s}" for s in sizes])
+    seen: set[str] = set()
+    for size, moved, t, xs, ys in lines:
+        name = "from train.init_from" if moved else "from scratch"
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines+markers", name=name, legendgroup=name, showlegend=_first(name, seen),
+            line={"color": SERIES_COLORS[1] if moved else SERIES_COLORS[7], "dash": "solid" if t.state == "COMPLETE"
+                  else "dash"},
+            hovertemplate=f"trial {t.number} ({name}, {t.state.lower()})<br>epoch %{{x}}: %{{y:.3f}} of pca<extra></extra>",
+        ), row=1, col=sizes.index(size) + 1)
+    fig.update_layout(title="Quality against epochs per lattice size: transferred vs from scratch",
+                      height=420, template="plotly_white", hovermode="closest")
+    fig.update_yaxes(title_text="val_cosine / PCA ceiling", row=1, col=1)
+    fig.update_xaxes(title_text="epoch", dtick=1)
     return fig

@@ -17,7 +17,7 @@ import yaml
 
 from cnn3d.config import PRESETS, ConfigError, preset, with_overrides
 from cnn3d.errors import UserError
-from cnn3d.train import CONTINUAL_METRICS, is_reported_metric
+from cnn3d.train import CONTINUAL_METRICS, MULTI_TEACHER_PREFIXES, is_reported_metric
 
 from .space import ParamSpace, parse_param
 
@@ -126,11 +126,33 @@ class StudySpec:
             config = self.base_config()
         except ConfigError as exc:
             raise UserError(f"set: {exc}") from None
+        _check_schedules(config, self.spaces())
+        several = [o.metric for o in objectives
+                   if o.metric == "val_cosine_fraction" or o.metric.startswith(MULTI_TEACHER_PREFIXES)]
+        if several and not config.teacher.extra and "teacher.extra" not in {s.key for s in self.spaces()}:
+            raise UserError(f"objective {several[0]} needs several teachers; add --set teacher.extra=NAME:POOLING "
+                            "(e.g. cls:cls)")
         continual = [o.metric for o in objectives if is_continual_metric(o.metric)]
         if continual and len(config.data.domains) < 2 and "data.domains" not in {s.key for s in self.spaces()}:
             raise UserError(f"objective {continual[0]} needs a sequence of domains; "
                             "add --set data.domains=builtin:news,builtin:dialogue (or your corpora)")
         return self
+
+
+EPOCH_KEYS = ("train.warmup_epochs", "train.main_epochs", "train.fine_tune_epochs")
+
+
+def _check_schedules(config, spaces: list[ParamSpace]) -> None:
+    """Each swept ``train.grow_schedule`` against the fixed epochs, before any trial starts (the grammar
+    itself is checked when the value is parsed); skipped when an epoch count is tuned too."""
+    keys = {s.key for s in spaces}
+    for space in spaces:
+        if space.key == "train.grow_schedule" and not keys & set(EPOCH_KEYS):
+            for value in getattr(space.distribution, "choices", ()):
+                try:
+                    with_overrides(config, {space.key: value})
+                except ConfigError as exc:
+                    raise UserError(f"--param {space.key}: {exc}") from None
 
 
 def load_spec(path: str | Path) -> StudySpec:
