@@ -25,9 +25,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnn3d import build_model, preset, with_overrides
+from cnn3d import fused as fused_module
 from cnn3d.device import cpu_model, resolve_device
 from cnn3d.errors import UserError
-from cnn3d import fused as fused_module
 from cnn3d.fused import compile_step
 
 TEACHER_DIM = 384

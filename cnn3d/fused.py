@@ -50,20 +50,22 @@ def shifted(padded: torch.Tensor, offset: Offset, r: int, dims: tuple[int, int, 
 
 
 class RowsNeighbourMix(torch.autograd.Function):
-    """``out[p] = sum_k weights[p, k] * padded[p + offsets[k]]`` over rows-layout tensors.
+    """``out[p] = sum_k weights[k, p] * padded[p + offsets[k]]`` over rows-layout tensors.
 
-    ``padded [B, D+2r, H+2r, W+2r, C]``, ``weights [B, D, H, W, K]`` -> ``[B, D, H, W, C]``.
-    The backward writes every shifted gradient into one padded buffer (autograd through K
-    slices would allocate and zero one per slice).
+    ``padded [B, D+2r, H+2r, W+2r, C]``, ``weights [K, B, D, H, W]`` -> ``[B, D, H, W, C]``.
+    The weights come offset-first: each ``weights[k]`` is contiguous, and the softmax that
+    makes them runs over the leading axis (a softmax over a last axis of 6-12 is ~6x slower
+    on CPU). The backward writes every shifted gradient into one padded buffer (autograd
+    through K slices would allocate and zero one per slice).
     """
 
     @staticmethod
     def forward(ctx, padded, weights, offsets, r):
         b, dp, hp, wp, c = padded.shape
         dims = (dp - 2 * r, hp - 2 * r, wp - 2 * r)
-        out = torch.mul(shifted(padded, offsets[0], r, dims), weights[..., :1])
+        out = torch.mul(shifted(padded, offsets[0], r, dims), weights[0].unsqueeze(-1))
         for k in range(1, len(offsets)):
-            out.addcmul_(shifted(padded, offsets[k], r, dims), weights[..., k : k + 1])
+            out.addcmul_(shifted(padded, offsets[k], r, dims), weights[k].unsqueeze(-1))
         ctx.save_for_backward(padded, weights)
         ctx.meta = (offsets, r, dims)
         return out
@@ -75,22 +77,23 @@ class RowsNeighbourMix(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_weights = grad_padded = None
         if ctx.needs_input_grad[1]:
-            # [B, D, H, W, K, C] would be K times the state; K dot products over C instead
+            # [K, B, D, H, W, C] would be K times the state; K dot products over C instead
             grad_weights = torch.stack(
-                [torch.linalg.vecdot(shifted(padded, o, r, dims), grad_out) for o in offsets], dim=-1
+                [torch.linalg.vecdot(shifted(padded, o, r, dims), grad_out) for o in offsets], dim=0
             )
         if ctx.needs_input_grad[0]:
             grad_padded = torch.zeros_like(padded)
             for k, offset in enumerate(offsets):
-                shifted(grad_padded, offset, r, dims).addcmul_(grad_out, weights[..., k : k + 1])
+                shifted(grad_padded, offset, r, dims).addcmul_(grad_out, weights[k].unsqueeze(-1))
         return grad_padded, grad_weights, None, None
 
 
 class ShiftStack(torch.autograd.Function):
-    """``padded [B, D+2r, H+2r, W+2r] -> [B, D, H, W, K]``: a scalar map's value at each of K neighbours.
+    """``padded [B, D+2r, H+2r, W+2r] -> [K, B, D, H, W]``: a scalar map's value at each of K neighbours.
 
-    The backward adds the K shifted gradients into one padded buffer (autograd through K
-    slices would zero and fill one padded gradient per slice).
+    Offset-first, like ``RowsNeighbourMix``'s weights. The backward adds the K shifted
+    gradients into one padded buffer (autograd through K slices would zero and fill one
+    padded gradient per slice).
     """
 
     @staticmethod
@@ -98,14 +101,14 @@ class ShiftStack(torch.autograd.Function):
         b, dp, hp, wp = padded.shape
         dims = (dp - 2 * r, hp - 2 * r, wp - 2 * r)
         ctx.meta = (offsets, r, dims, padded.shape)
-        return torch.stack([shifted(padded, o, r, dims) for o in offsets], dim=-1)
+        return torch.stack([shifted(padded, o, r, dims) for o in offsets], dim=0)
 
     @staticmethod
     def backward(ctx, grad):
         offsets, r, dims, shape = ctx.meta
         grad_padded = grad.new_zeros(shape)
         for k, offset in enumerate(offsets):
-            shifted(grad_padded, offset, r, dims).add_(grad[..., k])
+            shifted(grad_padded, offset, r, dims).add_(grad[k])
         return grad_padded, None, None
 
 
@@ -247,13 +250,13 @@ def projection(processor) -> tuple[torch.Tensor, torch.Tensor, list[str], list[i
     return weight, bias, [name for name, _, _ in parts], [w.shape[0] for _, w, _ in parts]
 
 
-def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """``[..., E]`` gate logits -> weights summing to 1 over E (softmax, or renormalised top-k)."""
-    weights = (logits / temperature).softmax(dim=-1)
-    if top_k and top_k < weights.shape[-1]:
-        kth = weights.topk(top_k, dim=-1).values[..., -1:]
+def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int, dim: int = -1) -> torch.Tensor:
+    """Gate logits -> weights summing to 1 over the experts' axis ``dim`` (softmax, or renormalised top-k)."""
+    weights = (logits / temperature).softmax(dim=dim)
+    if top_k and top_k < weights.shape[dim]:
+        kth = weights.topk(top_k, dim=dim).values.narrow(dim, top_k - 1, 1)
         weights = weights * (weights >= kth)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / weights.sum(dim=dim, keepdim=True)
     return weights
 
 
@@ -266,25 +269,26 @@ def _functional(expert, rows, gate_score, value) -> torch.Tensor:
     offsets = expert.offsets
     r = max(max(abs(v) for v in o) for o in offsets)
     if expert.boundary == "periodic" and r > min(dims):  # wraps further than the lattice: rolls (rare)
-        src_k = torch.stack([torch.roll(src, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets], -1)
+        src_k = torch.stack([torch.roll(src, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets], 0)
         value_k = [torch.roll(value, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets]
     else:
         padded_src = pad_rows(src.unsqueeze(-1), r, expert.boundary)[..., 0]
-        src_k = ShiftStack.apply(padded_src, offsets, r)  # [B, D, H, W, K]
+        src_k = ShiftStack.apply(padded_src, offsets, r)  # [K, B, D, H, W]
         value_k = None
-    bias = expert.offset_bias + _mask_bias(expert, dims, rows)  # [D, H, W, K], -inf outside the lattice
-    attn = (F.leaky_relu(dst.unsqueeze(-1) + src_k, 0.2) + bias).softmax(dim=-1).to(value.dtype)
+    # [K, 1, D, H, W], -inf outside the lattice; offset-first, so the softmax runs over a leading axis
+    bias = expert.offset_bias.view(-1, 1, 1, 1, 1) + _mask_bias(expert, dims, rows)
+    attn = (F.leaky_relu(dst + src_k, 0.2) + bias).softmax(dim=0).to(value.dtype)  # [K, B, D, H, W]
     if value_k is None:
         message = RowsNeighbourMix.apply(pad_rows(value, r, expert.boundary), attn, offsets, r)
     else:
-        message = sum(v * attn[..., k : k + 1] for k, v in enumerate(value_k))
+        message = sum(v * attn[k].unsqueeze(-1) for k, v in enumerate(value_k))
     return torch.sigmoid(gate) * message
 
 
 def _mask_bias(expert, dims, like: torch.Tensor) -> torch.Tensor:
     cached = getattr(expert, "_rows_mask_bias", None)
-    if cached is None or cached.device != like.device or tuple(cached.shape[:3]) != dims:
-        inside = expert.inside.permute(1, 2, 3, 0).to(like.device)  # [D, H, W, K]
+    if cached is None or cached.device != like.device or tuple(cached.shape[2:]) != dims:
+        inside = expert.inside.unsqueeze(1).to(like.device)  # [K, 1, D, H, W]
         cached = torch.zeros(inside.shape, device=like.device).masked_fill(~inside, float("-inf"))
         expert._rows_mask_bias = cached
     return cached
@@ -308,8 +312,9 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     proj = F.linear(rows, weight, bias)  # [B, D, H, W, P]: every per-cell map of the state at once
     # one split, not slices: each slice's backward would zero and fill a whole [B, D, H, W, P] gradient
     columns = dict(zip(names, proj.split(widths, dim=-1)))
-    gates = gate_weights_rows(columns["gate"], processor.temperature, processor.top_k)
-    gate_columns = gates.split(1, dim=-1)
+    # experts-first [E, B, D, H, W]: a softmax over a last axis of 2-3 is ~8x slower on CPU than over a
+    # leading one, and each expert's weight gates[i] comes out contiguous for the mixing below
+    gates = gate_weights_rows(columns["gate"].movedim(-1, 0), processor.temperature, processor.top_k, dim=0)
     message = None
     for i, (name, expert) in enumerate(processor.experts.items()):
         if name == "local":
@@ -319,10 +324,10 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
                               columns["functional_value"])
         else:
             out = _distant(expert, columns["distant_value"])
-        g = gate_columns[i].to(out.dtype)
+        g = gates[i].unsqueeze(-1).to(out.dtype)
         message = out * g if message is None else torch.addcmul(message, out, g)
     new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)
-    return new_rows, gates
+    return new_rows, gates.permute(1, 2, 3, 4, 0)  # a [B, D, H, W, E] view
 
 
 def compile_step(model, mode: str | None = None) -> None:
