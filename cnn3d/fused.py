@@ -11,7 +11,13 @@ channels-last ``[B, C, D, H, W]`` tensor, so the two are free views of each othe
   ``W (sum_k a_k s_k) + b = sum_k a_k (W s_k + b)``;
 - the functional expert's neighbour mix reads shifted *views* of one padded buffer
   (``RowsNeighbourMix``, hand-written backward into one padded gradient);
-- the distant links mix the projected partners with one matmul over the link axis;
+- the distant links mix the projected partners as one sparse ``[N, N]`` CSR matmul on CPU
+  (``SparseLinkMix``; elsewhere one matmul over the gathered link axis);
+- the local expert's 3x3x3 convolution (``Stencil``) takes its input gradient from a
+  forward convolution with the flipped kernel (oneDNN's forward is ~4x faster than its
+  data-gradient pass on these shapes);
+- the gate and attention softmaxes run over a leading axis (``[E, B, D, H, W]``,
+  ``[K, B, D, H, W]``): over a last axis of 3-12 they are several times slower on CPU;
 - the damped update is one ``lerp``.
 
 Parameters are the experts' own (``state_dict`` keys and shapes do not change); the
