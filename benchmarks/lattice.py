@@ -8,7 +8,8 @@ AdamW update) with the default MoE, the FLOPs torch's FlopCounterMode counts for
 (convolutions and matmuls only; elementwise work is not counted, so the GFLOP/s
 figure is a lower bound on work done), the achieved GFLOP/s, and its ratio to a
 dense square matmul timed in the same run. Step formulations (``reference`` = the
-straightforward step, ``fused`` = ``cnn3d.fused``, ``compiled`` = the fused step through
+straightforward step, ``fused`` = ``cnn3d.fused``, ``fused-prev`` = the same with the local
+and distant experts' previous kernels (aten convolution, gathered-partner matmul), ``compiled`` = the fused step through
 ``torch.compile``/CUDA graphs) run on the same model, alternately with the matmul in each
 round: machines are shared and noisy, every figure is the best of several rounds, and
 ratios are what to compare.
@@ -24,6 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnn3d import build_model, preset, with_overrides
+from cnn3d import fused as fused_module
 from cnn3d.device import cpu_model, resolve_device
 from cnn3d.errors import UserError
 from cnn3d.fused import compile_step
@@ -45,6 +47,19 @@ def timed(fn, device) -> float:
     fn()
     sync(device)
     return CLOCK() - start
+
+
+def _previous_local(expert, rows):
+    """Issue 13's first fused step: the local expert's own ``Conv3d`` (oneDNN forward and backward)."""
+    return expert(rows.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+
+
+def _previous_distant(expert, value):
+    """Issue 13's first fused step: gather the partners ``[B, N, links, C]`` and mix them with one matmul."""
+    b, d, h, w, c = value.shape
+    flat = value.reshape(b, d * h * w, c)
+    partners = flat.index_select(1, expert.links.view(-1)).view(b, d * h * w, expert.neighbours, c)
+    return torch.matmul(expert.link_weight.softmax(0).to(value.dtype), partners).view(b, d, h, w, c)
 
 
 def matmul_step(device: torch.device, n: int):
@@ -72,6 +87,15 @@ def lattice_steps(size: int, batch: int, steps: int, device: torch.device, overr
     def variant(name):
         def run():
             model.fused = name != "reference"
+            if name == "fused-prev":  # the same fused step with the local and distant kernels it had before
+                saved = fused_module._stencil_rows, fused_module._distant
+                fused_module._stencil_rows, fused_module._distant = _previous_local, _previous_distant
+                try:
+                    model.processor.step_rows = eager_step
+                    train_step()
+                finally:
+                    fused_module._stencil_rows, fused_module._distant = saved
+                return
             if name == "compiled":
                 if "step" not in compiled:
                     compile_step(model, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -131,7 +155,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=2048)
-    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused", "compiled"],
+    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused-prev", "fused", "compiled"],
                         help="step formulations, timed alternately (default: reference fused, + compiled on CUDA)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process = CPU time of this process: on a loaded machine use it with --threads 1")

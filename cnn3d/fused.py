@@ -11,7 +11,13 @@ channels-last ``[B, C, D, H, W]`` tensor, so the two are free views of each othe
   ``W (sum_k a_k s_k) + b = sum_k a_k (W s_k + b)``;
 - the functional expert's neighbour mix reads shifted *views* of one padded buffer
   (``RowsNeighbourMix``, hand-written backward into one padded gradient);
-- the distant links mix the projected partners with one matmul over the link axis;
+- the distant links mix the projected partners as one sparse ``[N, N]`` CSR matmul on CPU
+  (``SparseLinkMix``; elsewhere one matmul over the gathered link axis);
+- the local expert's 3x3x3 convolution (``Stencil``) takes its input gradient from a
+  forward convolution with the flipped kernel (oneDNN's forward is ~4x faster than its
+  data-gradient pass on these shapes);
+- the gate and attention softmaxes run over a leading axis (``[E, B, D, H, W]``,
+  ``[K, B, D, H, W]``): over a last axis of 3-12 they are several times slower on CPU;
 - the damped update is one ``lerp``.
 
 Parameters are the experts' own (``state_dict`` keys and shapes do not change); the
@@ -22,6 +28,7 @@ gradients against the straightforward formulation.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -50,20 +57,22 @@ def shifted(padded: torch.Tensor, offset: Offset, r: int, dims: tuple[int, int, 
 
 
 class RowsNeighbourMix(torch.autograd.Function):
-    """``out[p] = sum_k weights[p, k] * padded[p + offsets[k]]`` over rows-layout tensors.
+    """``out[p] = sum_k weights[k, p] * padded[p + offsets[k]]`` over rows-layout tensors.
 
-    ``padded [B, D+2r, H+2r, W+2r, C]``, ``weights [B, D, H, W, K]`` -> ``[B, D, H, W, C]``.
-    The backward writes every shifted gradient into one padded buffer (autograd through K
-    slices would allocate and zero one per slice).
+    ``padded [B, D+2r, H+2r, W+2r, C]``, ``weights [K, B, D, H, W]`` -> ``[B, D, H, W, C]``.
+    The weights come offset-first: each ``weights[k]`` is contiguous, and the softmax that
+    makes them runs over the leading axis (a softmax over a last axis of 6-12 is ~6x slower
+    on CPU). The backward writes every shifted gradient into one padded buffer (autograd
+    through K slices would allocate and zero one per slice).
     """
 
     @staticmethod
     def forward(ctx, padded, weights, offsets, r):
         b, dp, hp, wp, c = padded.shape
         dims = (dp - 2 * r, hp - 2 * r, wp - 2 * r)
-        out = torch.mul(shifted(padded, offsets[0], r, dims), weights[..., :1])
+        out = torch.mul(shifted(padded, offsets[0], r, dims), weights[0].unsqueeze(-1))
         for k in range(1, len(offsets)):
-            out.addcmul_(shifted(padded, offsets[k], r, dims), weights[..., k : k + 1])
+            out.addcmul_(shifted(padded, offsets[k], r, dims), weights[k].unsqueeze(-1))
         ctx.save_for_backward(padded, weights)
         ctx.meta = (offsets, r, dims)
         return out
@@ -75,22 +84,23 @@ class RowsNeighbourMix(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_weights = grad_padded = None
         if ctx.needs_input_grad[1]:
-            # [B, D, H, W, K, C] would be K times the state; K dot products over C instead
+            # [K, B, D, H, W, C] would be K times the state; K dot products over C instead
             grad_weights = torch.stack(
-                [torch.linalg.vecdot(shifted(padded, o, r, dims), grad_out) for o in offsets], dim=-1
+                [torch.linalg.vecdot(shifted(padded, o, r, dims), grad_out) for o in offsets], dim=0
             )
         if ctx.needs_input_grad[0]:
             grad_padded = torch.zeros_like(padded)
             for k, offset in enumerate(offsets):
-                shifted(grad_padded, offset, r, dims).addcmul_(grad_out, weights[..., k : k + 1])
+                shifted(grad_padded, offset, r, dims).addcmul_(grad_out, weights[k].unsqueeze(-1))
         return grad_padded, grad_weights, None, None
 
 
 class ShiftStack(torch.autograd.Function):
-    """``padded [B, D+2r, H+2r, W+2r] -> [B, D, H, W, K]``: a scalar map's value at each of K neighbours.
+    """``padded [B, D+2r, H+2r, W+2r] -> [K, B, D, H, W]``: a scalar map's value at each of K neighbours.
 
-    The backward adds the K shifted gradients into one padded buffer (autograd through K
-    slices would zero and fill one padded gradient per slice).
+    Offset-first, like ``RowsNeighbourMix``'s weights. The backward adds the K shifted
+    gradients into one padded buffer (autograd through K slices would zero and fill one
+    padded gradient per slice).
     """
 
     @staticmethod
@@ -98,15 +108,132 @@ class ShiftStack(torch.autograd.Function):
         b, dp, hp, wp = padded.shape
         dims = (dp - 2 * r, hp - 2 * r, wp - 2 * r)
         ctx.meta = (offsets, r, dims, padded.shape)
-        return torch.stack([shifted(padded, o, r, dims) for o in offsets], dim=-1)
+        return torch.stack([shifted(padded, o, r, dims) for o in offsets], dim=0)
 
     @staticmethod
     def backward(ctx, grad):
         offsets, r, dims, shape = ctx.meta
         grad_padded = grad.new_zeros(shape)
         for k, offset in enumerate(offsets):
-            shifted(grad_padded, offset, r, dims).add_(grad[..., k])
+            shifted(grad_padded, offset, r, dims).add_(grad[k])
         return grad_padded, None, None
+
+
+class Stencil(torch.autograd.Function):
+    """A 3x3x3 convolution, stride 1, ``same`` size: ``x [B, C, D, H, W]`` (channels-last) -> same shape.
+
+    ``x`` comes already padded by one cell (zeros or wrapped). The forward is torch's own
+    convolution; the backward computes the input gradient as a forward convolution of the
+    (padded) output gradient with the flipped, transposed kernel — oneDNN's forward is about
+    4x faster than its data-gradient pass on these shapes — and only the weight and bias
+    gradients through ``convolution_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, padded, weight, bias, boundary):
+        ctx.save_for_backward(padded, weight)
+        ctx.boundary = boundary
+        return F.conv3d(padded, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d)
+        grad_padded = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # adjoint of a correlation with zero (or wrapped) padding: the flipped kernel over the
+            # gradient padded the same way, giving the gradient of the unpadded input
+            flipped = weight.flip(2, 3, 4).transpose(0, 1)
+            if ctx.boundary == "periodic":
+                grad_x = F.conv3d(F.pad(grad_out, (1,) * 6, mode="circular"), flipped)
+            else:
+                grad_x = F.conv3d(grad_out, flipped, padding=1)
+            # the padded input's gradient: the cells' gradient in the middle, 0 on the margins
+            # (for ``periodic`` the wrapped margins were already folded back by the circular pad)
+            grad_padded = F.pad(grad_x, (1,) * 6)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_out, padded, weight, [weight.shape[0]], [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1,
+                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_padded, grad_weight, grad_bias, None
+
+
+def _stencil_rows(expert, rows: torch.Tensor) -> torch.Tensor:
+    """The local expert on rows ``[B, D, H, W, C]`` (its convolution through ``Stencil``)."""
+    state = rows.permute(0, 4, 1, 2, 3)  # the channels-last view [B, C, D, H, W]
+    conv = expert.stencil
+    padded = F.pad(state, (1,) * 6, mode="circular" if expert_boundary(conv) == "periodic" else "constant")
+    out = Stencil.apply(padded, conv.weight, conv.bias, expert_boundary(conv))
+    if expert.mlp is not None:
+        out = out + expert.mlp(state)
+    return out.permute(0, 2, 3, 4, 1)
+
+
+def expert_boundary(conv: torch.nn.Conv3d) -> str:
+    """``periodic`` for a circularly padded convolution, else ``zero``."""
+    return "periodic" if conv.padding_mode == "circular" else "zero"
+
+
+class SparseLinkMix(torch.autograd.Function):
+    """``out[b, n] = sum_l weights[l] * flat[b, links[n, l]]`` as one sparse ``[N, N]`` matmul (CPU).
+
+    ``flat [B, N, C]``, ``weights [L]``. The link structure is fixed per lattice, so the CSR
+    indices of the link matrix and of its transpose are built once (``_link_csr``); only the
+    values (the link weights) change per call. The weights' gradient gathers each slot's
+    partners once in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, weights, csr):
+        b, n, c = flat.shape
+        crow, col, slot, crow_t, col_t, slot_t, links = csr
+        matrix = _csr(crow, col, weights[slot], n)
+        mixed = torch.sparse.mm(matrix, flat.transpose(0, 1).reshape(n, b * c))  # [N, B*C]
+        ctx.save_for_backward(flat, weights)
+        ctx.csr = csr
+        return mixed.view(n, b, c).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, weights = ctx.saved_tensors
+        crow, col, slot, crow_t, col_t, slot_t, links = ctx.csr
+        b, n, c = flat.shape
+        grad_flat = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            transposed = _csr(crow_t, col_t, weights[slot_t], n)
+            grad = torch.sparse.mm(transposed, grad_out.transpose(0, 1).reshape(n, b * c))
+            grad_flat = grad.view(n, b, c).transpose(0, 1).contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.stack([torch.linalg.vecdot(flat.index_select(1, links[:, k]), grad_out).sum()
+                                        for k in range(links.shape[1])])
+        return grad_flat, grad_weights, None
+
+
+def _csr(crow, col, values, n: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+
+
+def _link_csr(expert, device: torch.device):
+    """CSR indices of the distant links ``[N, L]`` and of their transpose, cached per links tensor."""
+    links = expert.links
+    key = (device, links.data_ptr(), links._version, tuple(links.shape))
+    cached = getattr(expert, "_rows_link_csr", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    n, k = links.shape
+    links = links.to(device)
+    rows = torch.arange(n, device=device).repeat_interleave(k)
+    cols = links.reshape(-1)
+    slots = torch.arange(k, device=device).repeat(n)
+    by_row = torch.argsort(rows * n + cols, stable=True)  # columns sorted within each row
+    by_col = torch.argsort(cols * n + rows, stable=True)  # the transpose: rows of A^T are A's columns
+    crow = torch.arange(0, n * k + 1, k, device=device)
+    crow_t = torch.cat([crow.new_zeros(1), torch.bincount(cols, minlength=n).cumsum(0)])
+    csr = (crow, cols[by_row], slots[by_row], crow_t, rows[by_col], slots[by_col], links)
+    expert._rows_link_csr = (key, csr)
+    return csr
 
 
 # --------------------------------------------------------------------------- the step
@@ -130,13 +257,13 @@ def projection(processor) -> tuple[torch.Tensor, torch.Tensor, list[str], list[i
     return weight, bias, [name for name, _, _ in parts], [w.shape[0] for _, w, _ in parts]
 
 
-def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """``[..., E]`` gate logits -> weights summing to 1 over E (softmax, or renormalised top-k)."""
-    weights = (logits / temperature).softmax(dim=-1)
-    if top_k and top_k < weights.shape[-1]:
-        kth = weights.topk(top_k, dim=-1).values[..., -1:]
+def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int, dim: int = -1) -> torch.Tensor:
+    """Gate logits -> weights summing to 1 over the experts' axis ``dim`` (softmax, or renormalised top-k)."""
+    weights = (logits / temperature).softmax(dim=dim)
+    if top_k and top_k < weights.shape[dim]:
+        kth = weights.topk(top_k, dim=dim).values.narrow(dim, top_k - 1, 1)
         weights = weights * (weights >= kth)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / weights.sum(dim=dim, keepdim=True)
     return weights
 
 
@@ -149,25 +276,26 @@ def _functional(expert, rows, gate_score, value) -> torch.Tensor:
     offsets = expert.offsets
     r = max(max(abs(v) for v in o) for o in offsets)
     if expert.boundary == "periodic" and r > min(dims):  # wraps further than the lattice: rolls (rare)
-        src_k = torch.stack([torch.roll(src, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets], -1)
+        src_k = torch.stack([torch.roll(src, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets], 0)
         value_k = [torch.roll(value, (-o[0], -o[1], -o[2]), (1, 2, 3)) for o in offsets]
     else:
         padded_src = pad_rows(src.unsqueeze(-1), r, expert.boundary)[..., 0]
-        src_k = ShiftStack.apply(padded_src, offsets, r)  # [B, D, H, W, K]
+        src_k = ShiftStack.apply(padded_src, offsets, r)  # [K, B, D, H, W]
         value_k = None
-    bias = expert.offset_bias + _mask_bias(expert, dims, rows)  # [D, H, W, K], -inf outside the lattice
-    attn = (F.leaky_relu(dst.unsqueeze(-1) + src_k, 0.2) + bias).softmax(dim=-1).to(value.dtype)
+    # [K, 1, D, H, W], -inf outside the lattice; offset-first, so the softmax runs over a leading axis
+    bias = expert.offset_bias.view(-1, 1, 1, 1, 1) + _mask_bias(expert, dims, rows)
+    attn = (F.leaky_relu(dst + src_k, 0.2) + bias).softmax(dim=0).to(value.dtype)  # [K, B, D, H, W]
     if value_k is None:
         message = RowsNeighbourMix.apply(pad_rows(value, r, expert.boundary), attn, offsets, r)
     else:
-        message = sum(v * attn[..., k : k + 1] for k, v in enumerate(value_k))
+        message = sum(v * attn[k].unsqueeze(-1) for k, v in enumerate(value_k))
     return torch.sigmoid(gate) * message
 
 
 def _mask_bias(expert, dims, like: torch.Tensor) -> torch.Tensor:
     cached = getattr(expert, "_rows_mask_bias", None)
-    if cached is None or cached.device != like.device or tuple(cached.shape[:3]) != dims:
-        inside = expert.inside.permute(1, 2, 3, 0).to(like.device)  # [D, H, W, K]
+    if cached is None or cached.device != like.device or tuple(cached.shape[2:]) != dims:
+        inside = expert.inside.unsqueeze(1).to(like.device)  # [K, 1, D, H, W]
         cached = torch.zeros(inside.shape, device=like.device).masked_fill(~inside, float("-inf"))
         expert._rows_mask_bias = cached
     return cached
@@ -177,6 +305,9 @@ def _distant(expert, value) -> torch.Tensor:
     """The distant expert on rows: the partners' projected states mixed by the link weights."""
     b, d, h, w, c = value.shape
     flat = value.reshape(b, d * h * w, c)
+    if value.device.type == "cpu":  # a sparse matmul: no [B, N, links, C] partner copy
+        weights = expert.link_weight.softmax(0).to(value.dtype)
+        return SparseLinkMix.apply(flat, weights, _link_csr(expert, value.device)).view(b, d, h, w, c)
     partners = flat.index_select(1, expert.links.view(-1)).view(b, d * h * w, expert.neighbours, c)
     weights = expert.link_weight.softmax(0).to(value.dtype)  # [links]
     return torch.matmul(weights, partners).view(b, d, h, w, c)  # [B, N, links, C] -> [B, N, C]
@@ -188,21 +319,22 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     proj = F.linear(rows, weight, bias)  # [B, D, H, W, P]: every per-cell map of the state at once
     # one split, not slices: each slice's backward would zero and fill a whole [B, D, H, W, P] gradient
     columns = dict(zip(names, proj.split(widths, dim=-1)))
-    gates = gate_weights_rows(columns["gate"], processor.temperature, processor.top_k)
-    gate_columns = gates.split(1, dim=-1)
+    # experts-first [E, B, D, H, W]: a softmax over a last axis of 2-3 is ~8x slower on CPU than over a
+    # leading one, and each expert's weight gates[i] comes out contiguous for the mixing below
+    gates = gate_weights_rows(columns["gate"].movedim(-1, 0), processor.temperature, processor.top_k, dim=0)
     message = None
     for i, (name, expert) in enumerate(processor.experts.items()):
         if expert_kind(name) == "local":  # local2, ... (continual.new_expert) are local experts too
-            out = expert(rows.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # conv on the channels-last view
+            out = _stencil_rows(expert, rows)
         elif name == "functional":
             out = _functional(expert, rows, columns["functional_gate_score"],
                               columns["functional_value"])
         else:
             out = _distant(expert, columns["distant_value"])
-        g = gate_columns[i].to(out.dtype)
+        g = gates[i].unsqueeze(-1).to(out.dtype)
         message = out * g if message is None else torch.addcmul(message, out, g)
     new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)
-    return new_rows, gates
+    return new_rows, gates.permute(1, 2, 3, 4, 0)  # a [B, D, H, W, E] view
 
 
 def compile_step(model, mode: str | None = None) -> None:

@@ -50,7 +50,9 @@ def test_fused_step_matches_reference_outputs_and_gradients(case):
 def test_fused_step_matches_reference_in_float32():
     cfg = with_overrides(Config(), {"lattice.size": 5, "lattice.steps": 5})
     model = build_model(cfg, TEACHER_DIM)
-    x = torch.randn(4, TEACHER_DIM)
+    # a fixed input: float32 sums of ~1e4 terms put face_io.read_bias's small gradient within ~1e-5 of the
+    # absolute tolerance for a few inputs in ten, with the reference formulation's kernels as with these
+    x = torch.randn(4, TEACHER_DIM, generator=torch.Generator().manual_seed(0))
     ref, ref_grads = _run(model, x, fused=False)
     new, new_grads = _run(model, x, fused=True)
     assert torch.allclose(new.embedding, ref.embedding, rtol=1e-4, atol=1e-5)
@@ -73,9 +75,10 @@ def test_rows_kernels_match_autograd_reference(boundary):
     weights = torch.randn(2, 4, 5, 3, len(offsets), dtype=torch.float64, requires_grad=True)
     stacked = neighbour_stack(values.permute(0, 4, 1, 2, 3), offsets, boundary)  # [B, K, C, D, H, W]
     reference = (stacked * weights.permute(0, 4, 1, 2, 3).unsqueeze(2)).sum(1).permute(0, 2, 3, 4, 1)
-    mixed = RowsNeighbourMix.apply(pad_rows(values, 2, boundary), weights, offsets, 2)
+    mixed = RowsNeighbourMix.apply(pad_rows(values, 2, boundary), weights.movedim(-1, 0), offsets, 2)
     assert torch.allclose(mixed, reference)
-    assert torch.autograd.gradcheck(lambda v, w: RowsNeighbourMix.apply(pad_rows(v, 2, boundary), w, offsets, 2),
+    assert torch.autograd.gradcheck(lambda v, w: RowsNeighbourMix.apply(pad_rows(v, 2, boundary), w.movedim(-1, 0),
+                                                                        offsets, 2),
                                     (values, weights))
     scalar = values[..., 0].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda s: ShiftStack.apply(pad_rows(s.unsqueeze(-1), 2, boundary)[..., 0], offsets, 2),
