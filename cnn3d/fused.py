@@ -161,6 +161,8 @@ class Stencil(torch.autograd.Function):
 def _stencil_rows(expert, rows: torch.Tensor) -> torch.Tensor:
     """The local expert on rows ``[B, D, H, W, C]`` (its convolution through ``Stencil``)."""
     state = rows.permute(0, 4, 1, 2, 3)  # the channels-last view [B, C, D, H, W]
+    if torch.is_autocast_enabled(rows.device.type):  # Stencil's backward assumes one dtype throughout
+        return expert(state).permute(0, 2, 3, 4, 1)
     conv = expert.stencil
     padded = F.pad(state, (1,) * 6, mode="circular" if expert_boundary(conv) == "periodic" else "constant")
     out = Stencil.apply(padded, conv.weight, conv.bias, expert_boundary(conv))
@@ -305,7 +307,8 @@ def _distant(expert, value) -> torch.Tensor:
     """The distant expert on rows: the partners' projected states mixed by the link weights."""
     b, d, h, w, c = value.shape
     flat = value.reshape(b, d * h * w, c)
-    if value.device.type == "cpu":  # a sparse matmul: no [B, N, links, C] partner copy
+    # a sparse matmul: no [B, N, links, C] partner copy (CPU sparse kernels exist for float32/64 only)
+    if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
         weights = expert.link_weight.softmax(0).to(value.dtype)
         return SparseLinkMix.apply(flat, weights, _link_csr(expert, value.device)).view(b, d, h, w, c)
     partners = flat.index_select(1, expert.links.view(-1)).view(b, d * h * w, expert.neighbours, c)

@@ -95,10 +95,10 @@ class TrialRunner:
         start = time.perf_counter()
         run_id = self.tracker.start_trial(self.parent_run_id, trial.number, flat, tags)
         metrics_log = MlflowRunLogger(self.tracker.client, run_id)  # the one store of per-epoch metrics
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
-        self.overhead_seconds += time.perf_counter() - start
-        try:
+        try:  # from here on a Ctrl-C or a failure is recorded on both the trial and its run
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
+            self.overhead_seconds += time.perf_counter() - start
             config = self.trial_config(values)
             trial.set_user_attr("config", {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()})
             with self.tracker.system_metrics_for(run_id):

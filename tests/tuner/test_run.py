@@ -238,18 +238,20 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir):
     storage = f"sqlite:///{tmp_path}/studies.db"
+    # 8 tiny epochs: long enough that the interrupt lands inside a trial even when trials are fast
     cmd = tune_cmd(tmp_path, cache_dir, "--param", "transform.dropout=0.0:0.2", "--trials", "2", "--name", "intr",
-                   **{"train.main_epochs": 3})
+                   **{"train.main_epochs": 8})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
 
-    def has_running():
+    def training():
+        """A RUNNING trial that has its MLflow run, i.e. whose training has begun."""
         try:
-            return bool(optuna.load_study(study_name="intr", storage=storage).get_trials(states=(TrialState.RUNNING,)))
+            running = optuna.load_study(study_name="intr", storage=storage).get_trials(states=(TrialState.RUNNING,))
         except Exception:  # noqa: BLE001
             return False
+        return any("mlflow_run_id" in t.user_attrs for t in running)
 
-    assert _wait_for(has_running, 180)
-    time.sleep(2.0)
+    assert _wait_for(training, 180, interval=0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
