@@ -29,11 +29,11 @@ def tiny(warm_cache):
 def test_overfits_a_few_dozen_sentences_end_to_end(warm_cache):
     """Guards the whole path: teacher -> face -> lattice -> back face -> teacher space, trained.
 
-    30 sentences (one batch) are trained on and validated on; a minute or less on 2 quiet cores.
+    30 sentences (one batch) are trained on and validated on; about 25 s on 2 quiet cores (0.988 reached).
     """
     config = with_overrides(preset("test"), {
-        "data.cache_dir": str(warm_cache), "data.max_sentences": 30, "train.batch_size": 30, "train.main_epochs": 120, "train.lr": 1e-2,
-        "train.eval_every": 120, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.sparsity": 0.0, "loss.load_balance": 0.0,
+        "data.cache_dir": str(warm_cache), "data.max_sentences": 30, "train.batch_size": 30, "train.main_epochs": 80, "train.lr": 1.5e-2,
+        "train.eval_every": 80, "train.weight_decay": 0.0, "loss.diversity": 0.0, "loss.sparsity": 0.0, "loss.load_balance": 0.0,
     })
     data = prepare_data(config, torch.device("cpu"))
     texts, vectors = data.train_texts + data.val_texts, torch.cat([data.train, data.val])
