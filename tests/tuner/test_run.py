@@ -241,7 +241,10 @@ def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir
     # 8 tiny epochs: long enough that the interrupt lands inside a trial even when trials are fast
     cmd = tune_cmd(tmp_path, cache_dir, "--param", "transform.dropout=0.0:0.2", "--trials", "2", "--name", "intr",
                    **{"train.main_epochs": 8})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    # a shell's background job ignores SIGINT and children inherit that: give the command the default
+    # disposition so Python installs its KeyboardInterrupt handler, as it does under a terminal
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def training():
         """A RUNNING trial that has its MLflow run, i.e. whose training has begun."""
