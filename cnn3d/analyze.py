@@ -87,7 +87,10 @@ def analyze_checkpoint(folder: str | Path, corpus: str | None = None, probing_fi
     from .train import EMERGENCE_SAMPLES, emergence_nulls, evaluate, prepare_data
 
     started = time.perf_counter()
-    config, _ = read_checkpoint_meta(folder)  # UserError when the folder is not a checkpoint
+    config, meta = read_checkpoint_meta(folder)  # UserError when the folder is not a checkpoint
+    if "teachers" in meta:
+        raise UserError(f"{folder} is a several-teacher checkpoint ({', '.join(meta['teachers'])}); cnn3d-analyze "
+                        "reads single-teacher checkpoints only (decode each teacher with cnn3d-decode --teacher)")
     probing = read_probing_file(probing_file) if probing_file else None  # fail on a bad file before heavy work
     if corpus:
         config = with_overrides(config, {"data.corpus": corpus})

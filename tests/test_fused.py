@@ -1,5 +1,7 @@
 """The fused lattice step against the straightforward formulation: same outputs, same gradients."""
 
+import copy
+
 import pytest
 import torch
 
@@ -48,16 +50,25 @@ def test_fused_step_matches_reference_outputs_and_gradients(case):
 
 
 def test_fused_step_matches_reference_in_float32():
+    """In float32 the fused step is as close to the exact (float64) gradients as the straightforward step is.
+
+    Comparing the two float32 results with each other alone does not work on every CPU: a gradient that is
+    exactly zero in exact arithmetic (``face_io.read_bias``, whose output is normalised) comes out as ~1e-5 of
+    summation noise whose size depends on the kernels' order of summation (AVX2 vs AVX-512).
+    """
     cfg = with_overrides(Config(), {"lattice.size": 5, "lattice.steps": 5})
     model = build_model(cfg, TEACHER_DIM)
-    # a fixed input: float32 sums of ~1e4 terms put face_io.read_bias's small gradient within ~1e-5 of the
-    # absolute tolerance for a few inputs in ten, with the reference formulation's kernels as with these
     x = torch.randn(4, TEACHER_DIM, generator=torch.Generator().manual_seed(0))
     ref, ref_grads = _run(model, x, fused=False)
     new, new_grads = _run(model, x, fused=True)
+    exact, exact_grads = _run(copy.deepcopy(model).double(), x.double(), fused=False)
     assert torch.allclose(new.embedding, ref.embedding, rtol=1e-4, atol=1e-5)
-    for name, grad in ref_grads.items():
-        assert torch.allclose(new_grads[name], grad, rtol=1e-3, atol=1e-5), name
+    assert torch.allclose(new.embedding.double(), exact.embedding, rtol=1e-4, atol=1e-5)
+    for name, truth in exact_grads.items():
+        ref_error = (ref_grads[name].double() - truth).abs().max().item()
+        new_error = (new_grads[name].double() - truth).abs().max().item()
+        # a wrong gradient is off by about its own size (1-400 here); float32 noise is ~1e-6 of it
+        assert new_error <= 4 * ref_error + 1e-6 * truth.abs().max().item() + 2e-5, (name, new_error, ref_error)
 
 
 def test_fused_step_keeps_parameter_names_and_shapes():

@@ -112,6 +112,17 @@ def test_cli_trains_one_cube_with_two_teachers_and_decodes_with_each(cli_run):
     assert wrong.exit_code == 2 and "unknown teacher 'other'" in wrong.stderr
 
 
+def test_analyze_refuses_a_several_teacher_checkpoint_in_one_line(cli_run, tmp_path):
+    from cnn3d.analyze_cli import analyze_cli
+
+    tmp, _, _ = cli_run
+    page = tmp_path / "page.html"
+    run = _invoke(analyze_cli, tmp / "ckpt", "--out", page)
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.exit_code == 2 and len(errors) == 1 and "several-teacher checkpoint (main, cls)" in errors[0], run.output
+    assert not page.exists()
+
+
 @pytest.mark.slow
 def test_init_from_adds_a_768d_teacher_frozen_cube_first_then_everything(cli_run, distilbert, tmp_path):
     from cnn3d.train import train

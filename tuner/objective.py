@@ -152,8 +152,7 @@ class TrialRunner:
         try:
             # under train.grow_schedule the final cube is the last stage's
             stage = stage_config(config, max(len(result.history) - 1, 0))
-            log_trial_checkpoint(self.tracker.client, run_id, result.model, stage, result.model.teacher_dim,
-                                 len(result.history))
+            log_trial_checkpoint(self.tracker.client, run_id, result.model, stage, len(result.history))
         except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not fail a trained trial
             logger.warning("could not attach the checkpoint of MLflow run %s: %s", run_id, exc)
         self.overhead_seconds += time.perf_counter() - start

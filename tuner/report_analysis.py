@@ -30,13 +30,20 @@ PROBE_SENTENCES = 300
 DISTRACTORS: tuple[int, ...] = (1000,)
 
 
-def log_trial_checkpoint(client, run_id: str, model, config, teacher_dim: int, epochs_done: int) -> None:
-    """Attach ``model``'s final weights to the trial's run as a checkpoint folder (``checkpoint/``)."""
+def log_trial_checkpoint(client, run_id: str, model, config, epochs_done: int) -> None:
+    """Attach ``model``'s final weights to the trial's run as a checkpoint folder (``checkpoint/``).
+
+    A several-teacher student is saved with every teacher in its meta (``cnn3d-decode`` reads it per teacher).
+    """
     from cnn3d.checkpoint import save_checkpoint
+    from cnn3d.multiteacher import MultiTeacherStudent, save_multi, teacher_configs
 
     with tempfile.TemporaryDirectory(prefix="cnn3d-trial-") as tmp:
         folder = Path(tmp) / CHECKPOINT_ARTIFACT
-        save_checkpoint(folder, model, config, {"teacher_dim": teacher_dim, "epochs_done": epochs_done})
+        if isinstance(model, MultiTeacherStudent):
+            save_multi(folder, model, teacher_configs(config), extra_meta={"epochs_done": epochs_done})
+        else:
+            save_checkpoint(folder, model, config, {"teacher_dim": model.teacher_dim, "epochs_done": epochs_done})
         client.log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
 
 

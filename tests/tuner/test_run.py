@@ -236,6 +236,25 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT handled by default and not blocked, as under a terminal.
+
+    A shell's background job starts its children with SIGINT ignored, and a signal mask is inherited
+    across fork and exec: either would leave the command deaf to Ctrl-C for reasons outside the code under test.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _signal_masks(pid: int) -> str:
+    """The child's blocked/ignored/caught signal masks (Linux), for the failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"no /proc status: {exc}"
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir):
     storage = f"sqlite:///{tmp_path}/studies.db"
     # 8 tiny epochs: long enough that the interrupt lands inside a trial even when trials are fast
@@ -244,7 +263,7 @@ def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir
     # a shell's background job ignores SIGINT and children inherit that: give the command the default
     # disposition so Python installs its KeyboardInterrupt handler, as it does under a terminal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_sigint)
 
     def training():
         """A RUNNING trial that has its MLflow run, i.e. whose training has begun."""
@@ -255,9 +274,10 @@ def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir
         return any("mlflow_run_id" in t.user_attrs for t in running)
 
     assert _wait_for(training, 180, interval=0.1)
+    dispositions = _signal_masks(proc.pid)  # read before the signal: what the child did with SIGINT
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, f"{dispositions}\n{err[-2000:]}"
     assert "interrupted" in err and "Traceback" not in err
     study = optuna.load_study(study_name="intr", storage=storage)
     (stopped,) = study.get_trials(states=(TrialState.FAIL,))

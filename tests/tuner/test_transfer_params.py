@@ -141,6 +141,12 @@ def test_two_teacher_trials_log_each_teacher_to_mlflow_and_tune_the_combined_obj
                  "val_cosine_fraction"):
         assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
     assert [s.value for s in client.get_metric_history(run_id, "val_cosine_fraction")][-1] == pytest.approx(trial.value)
+    # the final weights are attached with every teacher, so the trial's student decodes with each
+    from cnn3d.multiteacher import load_multi
+
+    folder = client.download_artifacts(run_id, "checkpoint", str(tmp_path))
+    student, teachers = load_multi(folder)
+    assert sorted(teachers) == ["cls", "main"] and sorted(student.teacher_dims) == ["cls", "main"]
 
 
 def test_a_several_teacher_objective_without_teacher_extra_is_a_user_error():
