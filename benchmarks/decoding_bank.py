@@ -42,9 +42,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"{cpu_model()}, {args.threads} torch thread(s); {len(data.val_texts)} validation queries; "
           f"face {config.lattice.face_numbers} numbers; decoding incl. embedding distractors: {seconds:.0f} s")
-    print(f"{'distractors':>11} {'bank size':>9} {'student top-1':>13} {'PCA top-1':>9}")
-    for n, size, student, pca in zip(result["distractors"], result["bank_size"], result["student"], result["pca"]):
-        print(f"{int(n):>11} {int(size):>9} {student:>13.3f} {pca:>9.3f}")
+    print(f"{'distractors':>11} {'bank size':>9} {'student top-1':>13} {'PCA top-1':>9} {'mean top-1':>10}")
+    for n, size, student, pca, mean in zip(result["distractors"], result["bank_size"], result["student"],
+                                           result["pca"], result["mean"]):
+        print(f"{int(n):>11} {int(size):>9} {student:>13.3f} {pca:>9.3f} {mean:>10.4f}")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,25 @@ def excess(name: str, raw: float, untrained: float, shuffled: float) -> float:
     return sign * raw - max(sign * untrained, sign * shuffled)
 
 
+def verdict(name: str, metrics: dict[str, float]) -> str:
+    """A plain reading of ``metrics[name]`` against its nulls: beyond both, short of one, or indistinguishable.
+
+    Either reading needs the excess over the larger null (in the metric's emergent direction) to be more than two
+    bootstrap standard deviations from zero; "less structure than" names that null (the other may still be beaten).
+    """
+    ex, sd = metrics.get(f"{name}_excess", float("nan")), metrics.get(f"{name}_excess_std", 0.0)
+    if ex > 2 * sd and ex > 0:
+        return "beyond both nulls"
+    if ex < -2 * sd and ex < 0:
+        sign = DIRECTION[name]
+        untrained, shuffled = metrics.get(f"{name}_null_untrained"), metrics.get(f"{name}_null_shuffled")
+        if untrained is None or shuffled is None:
+            return "less structure than a null"
+        return "less structure than the untrained cube" if sign * untrained >= sign * shuffled \
+            else "less structure than the shuffled control"
+    return "indistinguishable from its nulls"
+
+
 # --------------------------------------------------------------------------- the bootstrap, vectorised
 
 BOOT_CHUNK = 10  # resamples per batched step: bounds the [chunk, n, n] intermediates (~20 MB at n = 512)

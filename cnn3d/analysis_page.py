@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from .analysis import DIRECTION, EMERGENCE_NAMES, SHUFFLES
+from .analysis import DIRECTION, EMERGENCE_NAMES, SHUFFLES, verdict
 
 CUBE_STYLE = {"trained": ("#1f77b4", "solid"), "untrained": ("#8c564b", "dash")}
 REF_STYLE = {"teacher": ("#2ca02c", "dash"), "chance": ("#7f7f7f", "dot"), "shuffled labels": ("#d62728", "dot")}
@@ -48,7 +48,8 @@ def render(a) -> str:
         "<h2>Similarity matrices</h2>", _fig(rsm_figure(a), "rsm"),
         "<h2>Decoding against bank size</h2>",
         "<p class=\"note\">Decode top-1 of the validation sentences as distractors join the bank, beside the same "
-        "decoding of the PCA reconstruction through the face's numbers (the linear ceiling).</p>",
+        "decoding of the PCA reconstruction through the face's numbers (the linear ceiling) and of the train-mean "
+        "vector for every sentence (the floor).</p>",
         _fig(decoding_figure(a), "decoding"),
     ]
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n<title>cnn3d analysis</title>\n"
@@ -78,13 +79,13 @@ def emergence_table(m: dict[str, float]) -> str:
         if name not in m:
             continue
         ex, sd = m.get(f"{name}_excess", float("nan")), m.get(f"{name}_excess_std", float("nan"))
-        verdict = "beyond both nulls" if ex > 2 * sd and ex > 0 else "indistinguishable from its nulls"
+        reading = verdict(name, m)
         direction = "higher" if DIRECTION[name] > 0 else "lower"
         cells = [name, _fmt(m[name]), _fmt(m.get(f"{name}_null_untrained")), _fmt(m.get(f"{name}_null_shuffled")),
-                 f"{ex:+.4g} ± {sd:.2g}", verdict, f"{direction} = more structure; shuffle: {SHUFFLES[name]}"]
+                 f"{ex:+.4g} ± {sd:.2g}", reading, f"{direction} = more structure; shuffle: {SHUFFLES[name]}"]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("metric", "trained", "untrained cube", "shuffled control",
-                                              "excess ± bootstrap std", "verdict (excess > 2 std)", "note"))
+                                              "excess ± bootstrap std", "verdict (|excess| > 2 std)", "note"))
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -187,6 +188,9 @@ def decoding_figure(a) -> go.Figure:
         go.Scatter(x=d["bank_size"], y=d["pca"], mode="lines+markers", name="PCA through the face",
                    line={"color": "#2ca02c", "dash": "dash"}),
     ])
+    if d.get("mean"):  # analyses saved before the floor was added lack it
+        fig.add_trace(go.Scatter(x=d["bank_size"], y=d["mean"], mode="lines+markers", name="mean vector (floor)",
+                                 line={"color": "#7f7f7f", "dash": "dot"}))
     fig.update_layout(height=360, template="plotly_white", xaxis_title="bank size (sentences)",
                       yaxis_title="decode top-1", xaxis_type="log" if len(d["bank_size"]) > 1 else "linear")
     return fig

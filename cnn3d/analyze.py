@@ -210,7 +210,8 @@ def distractor_pool(queries: list[str], train_texts: list[str], most: int, seed:
 @torch.no_grad()
 def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, ...],
                           progress: bool = False) -> dict[str, list[float]]:
-    """Decode top-1 of the student and of PCA-through-the-face against banks of growing size.
+    """Decode top-1 of the student, of PCA-through-the-face (the ceiling) and of the train mean (the floor)
+    against banks of growing size.
 
     Bank = the validation sentences (the queries) plus ``n`` distractors from ``distractor_pool``
     (never a query), for ``n`` in ``(0, *distractors)``. The PCA reconstruction keeps
@@ -241,7 +242,8 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
     for i, t in enumerate(data.val_texts):
         first.setdefault(t, i)
     queries, q_rows = list(first), list(first.values())
-    out: dict[str, list[float]] = {"bank_size": [], "distractors": [], "student": [], "pca": []}
+    floor = mean.expand_as(val)  # the mean-vector floor: the same output for every sentence
+    out: dict[str, list[float]] = {"bank_size": [], "distractors": [], "student": [], "pca": [], "mean": []}
     for n in sorted({0, *distractors}):
         n = min(n, len(pool))
         bank = PhraseBank(queries + pool[:n], torch.cat([val[q_rows], vectors[:n]]))
@@ -249,6 +251,7 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
         out["distractors"].append(float(n))
         out["student"].append(bank.accuracy(pred, data.val_texts, k=1)[0])
         out["pca"].append(bank.accuracy(pca, data.val_texts, k=1)[0])
+        out["mean"].append(bank.accuracy(floor, data.val_texts, k=1)[0])
     return out
 
 

@@ -38,6 +38,9 @@ def test_page_draws_every_figure_in_headless_chromium(checkpoint, tmp_path, monk
     # the untrained checkpoint against the untrained null: no excess anywhere
     assert all(result.emergence[f"{name}_excess"] <= 1e-9 for name in ("cell_specialization", "rsa_teacher"))
     assert result.decoding["bank_size"][1] == result.decoding["bank_size"][0] + 20
+    # the floor: one output for every sentence decodes at most one of the (distinct) validation sentences
+    queries = result.decoding["bank_size"][0]
+    assert all(0 <= m <= 1 / queries + 1e-9 for m in result.decoding["mean"]) and len(result.decoding["mean"]) == 2
     assert set(result.probes) == {"tense", "plural_subject", "human_subject", "clauses"}
 
 

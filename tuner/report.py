@@ -683,17 +683,18 @@ def _best_metrics_table(best: BestTrial) -> str:
 
 def emergence_table(metrics: dict[str, float]) -> str:
     """Every emergence metric beside its two nulls, the excess ± bootstrap std and a plain verdict."""
+    from cnn3d.analysis import verdict
+
     rows = []
     for name in EMERGENCE_METRICS:
         if f"{name}_excess" not in metrics:
             continue
         ex, sd = metrics[f"{name}_excess"], metrics.get(f"{name}_excess_std", 0.0)
-        verdict = "beyond both nulls" if ex > 2 * sd and ex > 0 else "indistinguishable from its nulls"
         cells = [label(name), _fmt(metrics.get(name)), _fmt(metrics.get(f"{name}_null_untrained")),
-                 _fmt(metrics.get(f"{name}_null_shuffled")), f"{ex:+.4g} ± {sd:.2g}", verdict]
+                 _fmt(metrics.get(f"{name}_null_shuffled")), f"{ex:+.4g} ± {sd:.2g}", verdict(name, metrics)]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("emergence metric", "trained", "untrained cube", "shuffled control",
-                                              "excess ± std", "verdict (excess > 2 std)"))
+                                              "excess ± std", "verdict (|excess| > 2 std)"))
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 

@@ -218,6 +218,22 @@ def test_emergence_panels_carry_both_nulls_and_the_best_trial_a_verdict(tmp_path
     assert '"fill":"tonexty"' in page  # the band between the nulls
 
 
+def test_verdict_says_below_which_null_when_the_excess_is_clearly_negative():
+    from cnn3d.analysis import verdict
+
+    # cell specialisation as measured: between the nulls, far below the untrained cube
+    below = {"cell_specialization_excess": -0.11, "cell_specialization_excess_std": 0.0014,
+             "cell_specialization_null_untrained": 0.18, "cell_specialization_null_shuffled": 0.05}
+    assert verdict("cell_specialization", below) == "less structure than the untrained cube"
+    # expert-usage entropy counts lower as more structure: the shuffled control's lower entropy is the larger null
+    entropy = {"expert_usage_entropy_excess": -0.01, "expert_usage_entropy_excess_std": 0.001,
+               "expert_usage_entropy_null_untrained": 1.0, "expert_usage_entropy_null_shuffled": 0.9}
+    assert verdict("expert_usage_entropy", entropy) == "less structure than the shuffled control"
+    assert verdict("cell_specialization", {**below, "cell_specialization_excess_std": 0.1}) == \
+        "indistinguishable from its nulls"
+    assert verdict("rsa_teacher", {"rsa_teacher_excess": 0.4, "rsa_teacher_excess_std": 0.01}) == "beyond both nulls"
+
+
 def test_config_diff_against_the_preset():
     defaults = flatten(preset("test"))
     config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()},
