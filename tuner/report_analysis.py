@@ -61,17 +61,19 @@ def best_trial_analysis(client, run_id: str | None, number: int | None = None,
     """
     from cnn3d.analyze import Analysis
 
+    from .tracking import download_artifact
+
     if client is None or not run_id:
         return None, "The best trial's analysis needs its MLflow run (no MLflow store was given to the report)."
     try:
         with tempfile.TemporaryDirectory(prefix="cnn3d-report-") as tmp:
             if _has_artifact(client, run_id, ANALYSIS_JSON):
-                stored = json.loads(Path(client.download_artifacts(run_id, ANALYSIS_JSON, tmp)).read_text())
+                stored = json.loads(Path(download_artifact(client, run_id, ANALYSIS_JSON, tmp)).read_text())
                 return Analysis(**stored), ""
             if not _has_artifact(client, run_id, f"{CHECKPOINT_ARTIFACT}/config.json"):
                 return None, ("The best trial's run holds no checkpoint (trials attach one since the analysis views "
                               "were added), so its analysis views cannot be drawn.")
-            return _analyse(client, run_id, number, Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)),
+            return _analyse(client, run_id, number, Path(download_artifact(client, run_id, CHECKPOINT_ARTIFACT, tmp)),
                             Path(tmp), progress), ""
     except Exception as exc:  # noqa: BLE001 - the rest of the report must not be lost to one view
         logger.warning("could not analyse the best trial's checkpoint", exc_info=True)

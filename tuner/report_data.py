@@ -424,9 +424,11 @@ class _MlflowHistory:
         import tempfile
         from pathlib import Path
 
+        from .tracking import download_artifact
+
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                return json.loads(Path(self.client.download_artifacts(run_id, name, tmp)).read_text())
+                return json.loads(Path(download_artifact(self.client, run_id, name, tmp)).read_text())
         except Exception as exc:  # noqa: BLE001 - a missing artifact is a note in the report, not a failure
             logger.warning("could not read %s of MLflow run %s (%s)", name, run_id, _short(exc))
             return None

@@ -33,6 +33,19 @@ EXAMPLES_ARTIFACT = "decoded_examples.json"
 SNAPSHOT_ARTIFACT = "lattice_snapshot.json"
 
 
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> str:
+    """``client.download_artifacts`` without MLflow's per-file progress bars (the report downloads several small
+    files; the bars buried its own log lines). A user's own ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` wins."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        return client.download_artifacts(run_id, path, dst)
+    os.environ[key] = "false"
+    try:
+        return client.download_artifacts(run_id, path, dst)
+    finally:
+        os.environ.pop(key, None)
+
+
 def default_tracking_uri(root: Path = DEFAULT_TRACKING_DIR) -> str:
     """``sqlite:///<abs>/mlruns/mlflow.db`` (created on first use)."""
     root = root.resolve()

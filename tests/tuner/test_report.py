@@ -447,7 +447,7 @@ def test_tuner_writes_and_attaches_the_report(real_study):
 
 
 @pytest.mark.slow
-def test_report_shows_the_best_trials_analysis_computed_once(real_study, tmp_path, monkeypatch):
+def test_report_shows_the_best_trials_analysis_computed_once(real_study, tmp_path, monkeypatch, capfd):
     """Trials attach their weights; the report analysed the best one once and attached the page and numbers to its run."""
     from mlflow.tracking import MlflowClient
 
@@ -467,8 +467,10 @@ def test_report_shows_the_best_trials_analysis_computed_once(real_study, tmp_pat
         assert title in page
     # a second report reads the stored analysis back instead of analysing again
     monkeypatch.setattr(RA, "_analyse", lambda *a, **k: pytest.fail("analysed the best trial twice"))
+    capfd.readouterr()
     again = write_report(study, out=tmp_path / "again.html", mlflow_client=client)
     assert again.read_text().count("id=\"fig-analysis-") == 7
+    assert "Downloading artifacts" not in capfd.readouterr().err  # no MLflow progress bar per small file
     # without MLflow the section says why it is missing
     bare = write_report(study, out=tmp_path / "bare.html").read_text()
     assert "needs its MLflow run" in bare and "id=\"fig-analysis-" not in bare
