@@ -1,12 +1,13 @@
 """Decode top-1 against bank size for one checkpoint, beside PCA through the face (the linear ceiling).
 
-    python benchmarks/decoding_bank.py CHECKPOINT --distractors 1000,10000
+    python benchmarks/decoding_bank.py CHECKPOINT --distractors 1000,10000 [--edits 5]
 
 The same numbers as the decoding view of ``cnn3d-analyze CHECKPOINT --distractors ...``
 (``cnn3d.analyze.decoding_by_bank_size``) without the rest of the analysis. The bank holds the
 validation sentences (the queries) plus n distractors that are never a query: the training split,
 then the other built-in corpora, then synthetic sentences. Prints how long the teacher took to
-embed the distractors it had not cached, so the cost of larger banks can be extrapolated.
+embed the distractors it had not cached, so the cost of larger banks can be extrapolated. ``--edits N``
+adds the hard case: a bank of the validation sentences and N one-word edits of each (near neighbours).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from cnn3d.analyze import decoding_by_bank_size
+from cnn3d.analyze import decoding_against_edits, decoding_by_bank_size
 from cnn3d.checkpoint import load_weights, read_checkpoint_meta
 from cnn3d.device import cpu_model
 from cnn3d.model import build_model
@@ -27,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--distractors", default="1000,10000")
+    parser.add_argument("--edits", type=int, default=0,
+                        help="also decode against N one-word edits of each validation sentence (near neighbours)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,6 +49,12 @@ def main() -> None:
     for n, size, student, pca, mean in zip(result["distractors"], result["bank_size"], result["student"],
                                            result["pca"], result["mean"]):
         print(f"{int(n):>11} {int(size):>9} {student:>13.3f} {pca:>9.3f} {mean:>10.4f}")
+    if args.edits:
+        start = time.perf_counter()
+        near = decoding_against_edits(model, data, config, device, per_query=args.edits)
+        print(f"\nvalidation sentences + {int(near['edits'])} one-word edits of them (bank {int(near['bank_size'])}; "
+              f"{time.perf_counter() - start:.0f} s): student top-1 {near['student']:.3f}, PCA top-1 {near['pca']:.3f}, "
+              f"mean top-1 {near['mean']:.4f}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def render(a) -> str:
         "decoding of the PCA reconstruction through the face's numbers (the linear ceiling) and of the train-mean "
         "vector for every sentence (the floor).</p>",
         _fig(decoding_figure(a), "decoding"),
+        edits_note(a),
     ]
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n<title>cnn3d analysis</title>\n"
             f"<style>{CSS}</style>\n<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
@@ -179,6 +180,16 @@ def rsm_figure(a) -> go.Figure:
         fig.update_yaxes(autorange="reversed", row=1, col=col)
     fig.update_layout(height=520, template="plotly_white")
     return fig
+
+
+def edits_note(a) -> str:
+    """The near-neighbour decoding in one line (analyses saved before it was added have none)."""
+    d = getattr(a, "decoding_edits", None) or {}
+    if not d:
+        return ""
+    return (f"<p class=\"note\">Near neighbours: a bank of the {int(d['bank_size'] - d['edits'])} validation sentences "
+            f"and {int(d['edits'])} one-word edits of them. Decode top-1: student <b>{d['student']:.3f}</b>, PCA "
+            f"through the face {d['pca']:.3f} (ceiling), train mean {d['mean']:.4f} (floor).</p>")
 
 
 def decoding_figure(a) -> go.Figure:

@@ -11,7 +11,9 @@
   the teacher embedding (the ceiling), the front face, every depth layer, the back face and the
   output, beside chance and a shuffled-label control (``cnn3d.probes``);
 - similarity matrices of the teacher and the student over a fixed validation sample, and RSA per layer;
-- decoding top-1 against bank size, beside the same decoding of the PCA-through-the-face reconstruction.
+- decoding top-1 against bank size, beside the same decoding of the PCA-through-the-face reconstruction
+  (the ceiling) and of the train mean (the floor); and against near neighbours: a bank of the validation
+  sentences and one-word edits of each, where decoding does fail.
 
 ``render_page(analysis) -> str`` draws it with plotly.js embedded once (no network needed).
 """
@@ -22,6 +24,8 @@ import html
 import json
 import logging
 import os
+import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 RSM_SENTENCES = 40  # validation sentences in the similarity-matrix heatmaps
 RIDGE_TRAIN = 400  # train sentences the ridge probes are fitted on
 DEFAULT_DISTRACTORS = (1000,)
+DEFAULT_EDITS = 5  # one-word edits per validation sentence in the near-neighbour decoding bank
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Analysis:
     decoding: dict[str, list[float]]  # bank_size, student, pca
     probing_source: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    decoding_edits: dict[str, float] = field(default_factory=dict)  # bank_size, edits, student, pca, mean
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -79,7 +85,7 @@ class Analysis:
 
 def analyze_checkpoint(folder: str | Path, corpus: str | None = None, probing_file: str | Path | None = None,
                        distractors: tuple[int, ...] = DEFAULT_DISTRACTORS, probe_sentences: int = 600,
-                       progress: bool = True, device: torch.device | None = None) -> Analysis:
+                       progress: bool = True, device: torch.device | None = None, edits: int = DEFAULT_EDITS) -> Analysis:
     """Analyse the checkpoint ``folder`` (a ``cnn3d-train --out`` folder); see the module docstring."""
     from .checkpoint import load_weights, read_checkpoint_meta
     from .config import flatten, with_overrides
@@ -144,11 +150,12 @@ def analyze_checkpoint(folder: str | Path, corpus: str | None = None, probing_fi
            "student": M.similarity_matrix(student).tolist()}
     stage("decoding")
     decoding = decoding_by_bank_size(cubes["trained"], data, config, device, distractors, progress)
+    near = decoding_against_edits(cubes["trained"], data, config, device, edits, progress) if edits > 0 else {}
     stage("done")
     bar.close()
     flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()}
     return Analysis(str(folder), flat, emergence, layers, eff, ridge, rsa, steps, cone, probes, rsm, decoding,
-                    [s.source for s in sets], time.perf_counter() - started)
+                    [s.source for s in sets], time.perf_counter() - started, near)
 
 
 def _probe_tasks(pset: ProbingSet, cubes: dict, config, device, batch: int, prefix: str) -> dict[str, dict]:
@@ -207,6 +214,81 @@ def distractor_pool(queries: list[str], train_texts: list[str], most: int, seed:
     return pool
 
 
+_EDITABLE = re.compile(r"^([A-Za-z]{3,})([^A-Za-z]*)$")  # a word of 3+ letters, then any punctuation
+
+
+def one_word_edits(queries: list[str], vocabulary: list[str], per_query: int, seed: int = 12345) -> list[str]:
+    """Up to ``per_query`` near neighbours of each query: the query with one word (3+ letters) replaced by another
+    word of ``vocabulary``, case and trailing punctuation kept. None equals a query or another edit (up to case
+    and spacing). The hardest distractors a decoder meets: the teacher puts them next to their query.
+    """
+    rng = random.Random(seed)
+    words = sorted({w.lower() for w in vocabulary if w.isalpha() and len(w) >= 3})
+    taken = {_sentence_key(q) for q in queries}
+    edits: list[str] = []
+    for query in queries:
+        tokens = query.split()
+        slots = [i for i, t in enumerate(tokens) if _EDITABLE.match(t)]
+        made, tries = 0, 0
+        while slots and words and made < per_query and tries < 20 * per_query:
+            tries += 1
+            i = rng.choice(slots)
+            word, tail = _EDITABLE.match(tokens[i]).groups()
+            new = rng.choice(words)
+            new = new.capitalize() if word[0].isupper() else new
+            edited = " ".join(tokens[:i] + [new + tail] + tokens[i + 1 :])
+            key = _sentence_key(edited)
+            if key not in taken:
+                taken.add(key)
+                edits.append(edited)
+                made += 1
+    return edits
+
+
+def _decode_top1(bank_texts: list[str], bank_vectors: torch.Tensor, outputs: dict[str, torch.Tensor],
+                 queries: list[str]) -> dict[str, float]:
+    from .decode import PhraseBank
+
+    bank = PhraseBank(bank_texts, bank_vectors)
+    return {name: bank.accuracy(pred, queries, k=1)[0] for name, pred in outputs.items()}
+
+
+@torch.no_grad()
+def decoding_against_edits(model, data, config, device, per_query: int = 5,
+                           progress: bool = False) -> dict[str, float]:
+    """Decode top-1 when the bank is the validation sentences plus ``per_query`` one-word edits of each.
+
+    Beside the student: PCA through the face (the linear ceiling) and the train mean (the floor). Unlike
+    distractors from other corpora, an edit differs from its query by one word, so this is where decoding fails.
+    """
+    from .cache import EmbeddingCache, embed_with_cache
+    from .teacher import load_teacher
+
+    val = data.val
+    student = torch.cat([model(val[i : i + 256].to(device)).embedding.float().cpu() for i in range(0, len(val), 256)])
+    pca, mean = _pca_through_face(data, config)
+    first = {}
+    for i, t in enumerate(data.val_texts):
+        first.setdefault(t, i)
+    queries, q_rows = list(first), list(first.values())
+    vocabulary = [w.strip(".,;:!?\"'()") for t in data.train_texts for w in t.split()]
+    edits = one_word_edits(queries, vocabulary, per_query)
+    vectors = embed_with_cache(load_teacher(config.teacher, device), edits, EmbeddingCache.from_config(config.data),
+                               progress=progress).float().cpu() if edits else val.new_zeros(0, val.shape[1])
+    top1 = _decode_top1(queries + edits, torch.cat([val[q_rows], vectors]),
+                        {"student": student, "pca": pca, "mean": mean.expand_as(val)}, data.val_texts)
+    return {"bank_size": float(len(queries) + len(edits)), "edits": float(len(edits)), **top1}
+
+
+def _pca_through_face(data, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation embeddings through ``lattice.face_numbers`` train-split principal components, the train mean)."""
+    k = config.lattice.face_numbers
+    mean = data.train.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd((data.train - mean).double(), full_matrices=False)
+    basis = v[: min(k, v.shape[0])].float()
+    return (data.val - mean) @ basis.T @ basis + mean, mean
+
+
 @torch.no_grad()
 def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, ...],
                           progress: bool = False) -> dict[str, list[float]]:
@@ -219,16 +301,11 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
     Distractors are embedded by the teacher through the embedding cache (once per machine).
     """
     from .cache import EmbeddingCache, embed_with_cache
-    from .decode import PhraseBank
     from .teacher import load_teacher
 
     val = data.val
     pred = torch.cat([model(val[i : i + 256].to(device)).embedding.float().cpu() for i in range(0, len(val), 256)])
-    k = config.lattice.face_numbers
-    mean = data.train.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd((data.train - mean).double(), full_matrices=False)
-    basis = v[: min(k, v.shape[0])].float()
-    pca = (val - mean) @ basis.T @ basis + mean
+    pca, mean = _pca_through_face(data, config)
     most = max((0, *distractors))
     pool = distractor_pool(data.val_texts, data.train_texts, most)
     known = {t: i for i, t in enumerate(data.train_texts)}  # the training split is embedded already
@@ -246,12 +323,12 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
     out: dict[str, list[float]] = {"bank_size": [], "distractors": [], "student": [], "pca": [], "mean": []}
     for n in sorted({0, *distractors}):
         n = min(n, len(pool))
-        bank = PhraseBank(queries + pool[:n], torch.cat([val[q_rows], vectors[:n]]))
-        out["bank_size"].append(float(len(bank)))
+        top1 = _decode_top1(queries + pool[:n], torch.cat([val[q_rows], vectors[:n]]),
+                            {"student": pred, "pca": pca, "mean": floor}, data.val_texts)
+        out["bank_size"].append(float(len(queries) + n))
         out["distractors"].append(float(n))
-        out["student"].append(bank.accuracy(pred, data.val_texts, k=1)[0])
-        out["pca"].append(bank.accuracy(pca, data.val_texts, k=1)[0])
-        out["mean"].append(bank.accuracy(floor, data.val_texts, k=1)[0])
+        for name, value in top1.items():
+            out[name].append(value)
     return out
 
 

@@ -15,12 +15,14 @@ from .cli import LOG_LEVELS, run_cli, setup_logging, standalone
               help="Extra labelled probing set: .csv/.tsv/.jsonl with text and label columns.")
 @click.option("--distractors", default="1000", show_default=True,
               help="Comma-separated distractor counts for decoding against bank size.")
+@click.option("--edits", default=5, show_default=True, type=click.IntRange(min=0),
+              help="One-word edits of each validation sentence in the near-neighbour decoding bank (0 skips it).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write every figure's numbers as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning")
 @run_cli
-def analyze_cli(checkpoint, out, corpus, probing_file, distractors, json_out, progress, log_level) -> None:
+def analyze_cli(checkpoint, out, corpus, probing_file, distractors, edits, json_out, progress, log_level) -> None:
     """Write one self-contained page analysing CHECKPOINT (a cnn3d-train --out folder) beside its nulls."""
     import sys
 
@@ -36,7 +38,7 @@ def analyze_cli(checkpoint, out, corpus, probing_file, distractors, json_out, pr
         raise UserError(f"--distractors {distractors!r} must not be negative")
     check_output_path(out)
     analysis = analyze_checkpoint(checkpoint, corpus=corpus, probing_file=probing_file, distractors=counts,
-                                  progress=sys.stderr.isatty() if progress is None else progress)
+                                  progress=sys.stderr.isatty() if progress is None else progress, edits=edits)
     path = write_page(analysis, out)
     if json_out:
         from pathlib import Path

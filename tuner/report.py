@@ -656,12 +656,15 @@ def _analysis_section(data: ReportData) -> Section:
     if data.analysis is None:
         section.items.append(Note(data.analysis_note or "No analysis of the best trial."))
         return section
+    from cnn3d.analysis_page import edits_note
     from cnn3d.analysis_page import emergence_table as analysis_emergence_table
 
     section.items.append(Html(analysis_emergence_table(data.analysis.emergence)))
     for title, fig in analysis_figures(data.analysis):
         section.items.append(Html(f"<h3>{html.escape(title)}</h3>"))
         section.items.append(fig)
+    if near := edits_note(data.analysis):  # decoding among one-word edits, under the bank-size figure
+        section.items.append(Html(near))
     return section
 
 

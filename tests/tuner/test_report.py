@@ -465,6 +465,7 @@ def test_report_shows_the_best_trials_analysis_computed_once(real_study, tmp_pat
     assert "id=\"analysis\"" in page and page.count("id=\"fig-analysis-") == 7  # every view of cnn3d-analyze
     for title in ("Probing tasks", "Information flow along depth", "Similarity matrices", "Decoding against bank size"):
         assert title in page
+    assert "Near neighbours: a bank of the" in page  # decoding among one-word edits of the validation sentences
     # a second report reads the stored analysis back instead of analysing again
     monkeypatch.setattr(RA, "_analyse", lambda *a, **k: pytest.fail("analysed the best trial twice"))
     capfd.readouterr()
