@@ -235,7 +235,6 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, cache_dir):
     assert statuses[failed[0].user_attrs["mlflow_run_id"]] == "FAILED"
 
 
-@pytest.mark.slow
 def _default_sigint() -> None:
     """In the child, before exec: SIGINT handled by default and not blocked, as under a terminal.
 
@@ -255,6 +254,7 @@ def _signal_masks(pid: int) -> str:
     return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir):
     storage = f"sqlite:///{tmp_path}/studies.db"
     # 8 tiny epochs: long enough that the interrupt lands inside a trial even when trials are fast
