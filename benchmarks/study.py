@@ -8,7 +8,8 @@ report), then reads the timings back from the Optuna storage, so the same breakd
 available for any version of the code, instrumented or not:
 
 - start-up: process start to the first trial's start (imports, study, MLflow parent run);
-- data: per trial, ``train_seconds`` minus the epochs (corpus, teacher + cache, model build);
+- data: per trial, ``train_seconds`` minus the epochs (corpus, teacher + cache, model build); the epochs
+  come from the trial's MLflow run (or, for older code, from its ``history`` attribute);
 - training / evaluation: per epoch, the training part is ``train_sentences / throughput``,
   the rest of ``epoch_seconds`` is validation (only on validated epochs) and checkpoint-free
   bookkeeping;
@@ -54,13 +55,36 @@ def run_study(cli: str, trials: int, epochs: int, folder: Path, cache_dir: str, 
     if proc.returncode != 0:
         sys.exit(f"study failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     study = optuna.load_study(study_name="bench", storage=storage)
-    result = breakdown(study, started, ended)
+    result = breakdown(study, started, ended, mlflow_history(f"sqlite:///{folder}/mlflow.db"))
     # CPU seconds the study used (all its threads): on a shared machine, less sensitive to the load than wall time
     result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return result
 
 
-def breakdown(study: optuna.Study, started: float, ended: float) -> dict:
+EPOCH_KEYS = ("epoch_seconds", "train_sentences", "throughput_samples_per_s")
+
+
+def mlflow_history(tracking_uri: str):
+    """``history(trial) -> [per-epoch dict]`` read from the trial's MLflow run: where the per-epoch figures
+    live since Optuna stopped keeping a copy (older code kept them in the trial's ``history`` attribute)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    def history(trial) -> list[dict]:
+        if "history" in trial.user_attrs:
+            return trial.user_attrs["history"]
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            return []
+        series = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in EPOCH_KEYS}
+        epochs = sorted(set.intersection(*(set(v) for v in series.values())))
+        return [{key: series[key][e] for key in EPOCH_KEYS} for e in epochs]
+
+    return history
+
+
+def breakdown(study: optuna.Study, started: float, ended: float, history_of=None) -> dict:
     done = [t for t in study.trials if t.datetime_complete is not None]
     first = min(t.datetime_start.timestamp() for t in done)
     last = max(t.datetime_complete.timestamp() for t in done)
@@ -68,7 +92,7 @@ def breakdown(study: optuna.Study, started: float, ended: float) -> dict:
     for t in done:
         wall = (t.datetime_complete - t.datetime_start).total_seconds()
         train_s = float(t.user_attrs.get("train_seconds", wall))
-        history = t.user_attrs.get("history", [])
+        history = history_of(t) if history_of else t.user_attrs.get("history", [])
         epochs = sum(h["epoch_seconds"] for h in history)
         training = sum(h["train_sentences"] / h["throughput_samples_per_s"] for h in history)
         per["training"] += min(training, epochs)

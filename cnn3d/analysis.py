@@ -56,7 +56,7 @@ SHUFFLES = {
     "rsa_teacher": "student sentences permuted against teacher sentences",
 }
 NULL_SUFFIXES = ("_null_untrained", "_null_shuffled", "_excess", "_excess_std")
-BOOTSTRAP_SAMPLES = 100
+BOOTSTRAP_SAMPLES = 50  # resamples for each excess's std: ~10 % relative error on the std, half the cost of 100
 MI_COMPONENTS = 8  # as in metrics.mutual_info_gaussian's default
 POINT_PERMUTATIONS = 5  # permutations averaged for the reported permutation nulls
 SPARSE_THRESHOLD = 0.01  # |s| below this counts as inactive (as in metrics.activation_sparsity)
@@ -110,11 +110,17 @@ class CubeResponses:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def collect_responses(model, inputs: torch.Tensor, batch_size: int, device: torch.device, dtype=None) -> CubeResponses:
-    """Run ``model`` (in eval mode) over ``inputs [n, T]`` and keep what the emergence metrics read."""
+    """Run ``model`` (in eval mode, no autograd) over ``inputs [n, T]`` and keep what the emergence metrics read.
+
+    Batches of twice ``batch_size`` (the training batch): a forward pass without gradients holds far less than a
+    training step, and larger batches amortise the step's per-call overhead (~15 % faster at 128 than at 32, 8^3).
+    """
     was_training = model.training
     model.eval()
     parts = []
+    batch_size *= 2
     for start in range(0, inputs.shape[0], batch_size):
         with autocast(device, dtype):
             out = model(inputs[start : start + batch_size].to(device))
