@@ -84,7 +84,7 @@ def mlflow_history(tracking_uri: str):
     return history
 
 
-def breakdown(study: optuna.Study, started: float, ended: float, history_of=None) -> dict:
+def breakdown(study: optuna.Study, started: float, ended: float, history_of) -> dict:
     done = [t for t in study.trials if t.datetime_complete is not None]
     first = min(t.datetime_start.timestamp() for t in done)
     last = max(t.datetime_complete.timestamp() for t in done)
@@ -92,7 +92,7 @@ def breakdown(study: optuna.Study, started: float, ended: float, history_of=None
     for t in done:
         wall = (t.datetime_complete - t.datetime_start).total_seconds()
         train_s = float(t.user_attrs.get("train_seconds", wall))
-        history = history_of(t) if history_of else t.user_attrs.get("history", [])
+        history = history_of(t)
         epochs = sum(h["epoch_seconds"] for h in history)
         training = sum(h["train_sentences"] / h["throughput_samples_per_s"] for h in history)
         per["training"] += min(training, epochs)

@@ -71,7 +71,7 @@ class Analysis:
     light_cone: dict[str, dict[str, list[float]]]  # cube -> {step, changed, one_cell_per_step}
     probes: dict[str, dict[str, Any]]  # task -> {chance, teacher, shuffled_labels, trained: {layer: acc}, untrained}
     rsm: dict[str, Any]  # texts, teacher, student (lists of lists)
-    decoding: dict[str, list[float]]  # bank_size, student, pca
+    decoding: dict[str, list[float]]  # bank_size, distractors, student, pca, mean
     probing_source: list[str] = field(default_factory=list)
     seconds: float = 0.0
     decoding_edits: dict[str, float] = field(default_factory=dict)  # bank_size, edits, student, pca, mean
@@ -264,29 +264,30 @@ def decoding_against_edits(model, data, config, device, per_query: int = 5,
     from .cache import EmbeddingCache, embed_with_cache
     from .teacher import load_teacher
 
+    outputs, queries, q_rows = _decoding_setup(model, data, config, device)
     val = data.val
-    student = torch.cat([model(val[i : i + 256].to(device)).embedding.float().cpu() for i in range(0, len(val), 256)])
-    pca, mean = _pca_through_face(data, config)
-    first = {}
-    for i, t in enumerate(data.val_texts):
-        first.setdefault(t, i)
-    queries, q_rows = list(first), list(first.values())
     vocabulary = [w.strip(".,;:!?\"'()") for t in data.train_texts for w in t.split()]
     edits = one_word_edits(queries, vocabulary, per_query)
     vectors = embed_with_cache(load_teacher(config.teacher, device), edits, EmbeddingCache.from_config(config.data),
                                progress=progress).float().cpu() if edits else val.new_zeros(0, val.shape[1])
-    top1 = _decode_top1(queries + edits, torch.cat([val[q_rows], vectors]),
-                        {"student": student, "pca": pca, "mean": mean.expand_as(val)}, data.val_texts)
+    top1 = _decode_top1(queries + edits, torch.cat([val[q_rows], vectors]), outputs, data.val_texts)
     return {"bank_size": float(len(queries) + len(edits)), "edits": float(len(edits)), **top1}
 
 
-def _pca_through_face(data, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(validation embeddings through ``lattice.face_numbers`` train-split principal components, the train mean)."""
-    k = config.lattice.face_numbers
+def _decoding_setup(model, data, config, device) -> tuple[dict[str, torch.Tensor], list[str], list[int]]:
+    """What both decoding views compare, for the validation sentences ``[n, T]``: the student's output, PCA through
+    ``lattice.face_numbers`` train-split components (the ceiling) and the train mean for every sentence (the
+    floor); plus the distinct validation sentences (the queries) and the row of each."""
+    val = data.val
+    student = torch.cat([model(val[i : i + 256].to(device)).embedding.float().cpu() for i in range(0, len(val), 256)])
     mean = data.train.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd((data.train - mean).double(), full_matrices=False)
-    basis = v[: min(k, v.shape[0])].float()
-    return (data.val - mean) @ basis.T @ basis + mean, mean
+    basis = v[: min(config.lattice.face_numbers, v.shape[0])].float()
+    pca = (val - mean) @ basis.T @ basis + mean
+    first: dict[str, int] = {}
+    for i, t in enumerate(data.val_texts):
+        first.setdefault(t, i)
+    return {"student": student, "pca": pca, "mean": mean.expand_as(val)}, list(first), list(first.values())
 
 
 @torch.no_grad()
@@ -303,9 +304,8 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
     from .cache import EmbeddingCache, embed_with_cache
     from .teacher import load_teacher
 
+    outputs, queries, q_rows = _decoding_setup(model, data, config, device)
     val = data.val
-    pred = torch.cat([model(val[i : i + 256].to(device)).embedding.float().cpu() for i in range(0, len(val), 256)])
-    pca, mean = _pca_through_face(data, config)
     most = max((0, *distractors))
     pool = distractor_pool(data.val_texts, data.train_texts, most)
     known = {t: i for i, t in enumerate(data.train_texts)}  # the training split is embedded already
@@ -315,16 +315,10 @@ def decoding_by_bank_size(model, data, config, device, distractors: tuple[int, .
     row = {t: i for i, t in enumerate(fresh)}
     vectors = torch.stack([data.train[known[t]] if t in known else embedded[row[t]] for t in pool]) if pool \
         else val.new_zeros(0, val.shape[1])
-    first = {}
-    for i, t in enumerate(data.val_texts):
-        first.setdefault(t, i)
-    queries, q_rows = list(first), list(first.values())
-    floor = mean.expand_as(val)  # the mean-vector floor: the same output for every sentence
     out: dict[str, list[float]] = {"bank_size": [], "distractors": [], "student": [], "pca": [], "mean": []}
     for n in sorted({0, *distractors}):
         n = min(n, len(pool))
-        top1 = _decode_top1(queries + pool[:n], torch.cat([val[q_rows], vectors[:n]]),
-                            {"student": pred, "pca": pca, "mean": floor}, data.val_texts)
+        top1 = _decode_top1(queries + pool[:n], torch.cat([val[q_rows], vectors[:n]]), outputs, data.val_texts)
         out["bank_size"].append(float(len(queries) + n))
         out["distractors"].append(float(n))
         for name, value in top1.items():
