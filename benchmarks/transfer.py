@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--grow", default="8x2", help="train.grow_schedule of the growing run ('' skips it)")
     parser.add_argument("--fresh", action="store_true",
                         help="add an arm transferred with train.init_fresh_directions=true (docs/transfer.md)")
+    parser.add_argument("--embed", action="store_true",
+                        help="add an arm transferred with train.transfer_face=embed (the source face unscaled in the "
+                             "middle of the larger one; docs/transfer.md)")
+    parser.add_argument("--skip-stretch", action="store_true", help="leave out the default (stretched) transfer arm")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -96,19 +100,20 @@ def main() -> None:
         print(f"before training: scratch val_cosine {untrained['val_cosine']:.4f} | transferred "
               f"{after['val_cosine']:.4f} ({after['val_cosine'] / ceiling:.3f} of ceiling; transfer step "
               f"{transfer_seconds:.1f}s) | source on its own face {sm['val_cosine']:.4f}")
-        fresh_cfg = with_overrides(transfer_cfg, {"train.init_fresh_directions": True})
-        if args.fresh:
-            seeded, _ = initial_student(fresh_cfg, data.teacher_dim, device)
-            fresh_after = evaluate(seeded, data, fresh_cfg, device, None)["metrics"]["val_cosine"]
-            print(f"before training: transferred with fresh directions {fresh_after:.4f} "
-                  f"({fresh_after / ceiling:.3f} of ceiling)")
+        variants = {"transfer+fresh": {"train.init_fresh_directions": True}} if args.fresh else {}
+        if args.embed:
+            variants["transfer embed"] = {"train.transfer_face": "embed"}
+        variant_cfgs = {name: with_overrides(transfer_cfg, change) for name, change in variants.items()}
+        for name, cfg in variant_cfgs.items():
+            seeded, _ = initial_student(cfg, data.teacher_dim, device)
+            value = evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"]
+            print(f"before training: {name} {value:.4f} ({value / ceiling:.3f} of ceiling)")
 
-        runs = {
-            "scratch": curve(train(target_cfg, data=data, progress=False).history),
-            "transfer": curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds),
-        }
-        if args.fresh:
-            runs["transfer+fresh"] = curve(train(fresh_cfg, data=data, progress=False).history, transfer_seconds)
+        runs = {"scratch": curve(train(target_cfg, data=data, progress=False).history)}
+        if not args.skip_stretch:
+            runs["transfer"] = curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds)
+        for name, cfg in variant_cfgs.items():
+            runs[name] = curve(train(cfg, data=data, progress=False).history, transfer_seconds)
         if args.grow:
             grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow})
             runs[f"grow {args.grow}"] = curve(train(grow_cfg, data=data, progress=False).history)
@@ -126,12 +131,15 @@ def report(runs: dict[str, list], ceiling: float, args) -> None:
             hit = first_reaching(points, frac * ceiling)
             cells.append(f"{name} {hit[0]} ({hit[1]:.0f}s)" if hit else f"{name} not in {args.epochs}")
         print(f"  {frac:.1f} x ceiling: " + " | ".join(cells))
-    scratch, transfer = runs["scratch"], runs["transfer"]
-    target = first_reaching(scratch, 0.9 * ceiling), first_reaching(transfer, 0.9 * ceiling)
-    if all(target):
-        print(f"  transfer/scratch epochs to 0.9 x ceiling: {target[1][0] / target[0][0]:.2f} (target <= 0.5)")
-    else:
-        print("  0.9 x ceiling not reached by both arms within the epochs run: ratio not measured")
+    scratch = runs["scratch"]
+    for name, points in runs.items():
+        if name == "scratch" or name.startswith("grow"):
+            continue
+        hits = first_reaching(scratch, 0.9 * ceiling), first_reaching(points, 0.9 * ceiling)
+        if all(hits):
+            print(f"  {name}/scratch epochs to 0.9 x ceiling: {hits[1][0] / hits[0][0]:.2f} (target <= 0.5)")
+        else:
+            print(f"  {name}: 0.9 x ceiling not reached by both arms within the epochs run: ratio not measured")
     if args.grow:
         grow = runs[f"grow {args.grow}"]
         end = grow[-1][2]

@@ -220,6 +220,11 @@ class TrainConfig:
         False, "Transfer to a larger face (train.init_from, growing): keep fresh initial weights in the face maps along "
         "the face directions interpolation cannot reach, instead of zeros (docs/transfer.md).", tune=False,
     )
+    transfer_face: Literal["stretch", "embed"] = param(
+        "stretch", "Transfer to another face size (train.init_from, growing): 'stretch' interpolates the source face "
+        "over the new one; 'embed' places it unscaled in the centre, new cells fresh (docs/transfer.md).",
+        choices=("stretch", "embed"), tune=False,
+    )
     new_teacher_epochs: int = param(
         1, "With train.init_from and teacher.extra naming teachers the checkpoint lacks: the first N main epochs train "
         "only their new maps (cube and other maps frozen), the rest train everything.", low=0, high=1000, tune=False,

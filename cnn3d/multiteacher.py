@@ -341,20 +341,20 @@ def initial_multi(config: Config, teacher_dims: Mapping[str, int],
     With ``train.init_from`` the cube comes from that checkpoint by ``cnn3d.transfer`` (any lattice size); every
     teacher the checkpoint knows by name keeps its maps (resampled when the face changed); the others are new.
     """
-    from .transfer import init_source, log_table, transfer_maps, transfer_weights
+    from .transfer import init_source, log_table, transfer_maps, transfer_options, transfer_weights
 
     student = MultiTeacherStudent(config, teacher_dims)
     if not init_source(config):
         return student, {}, []
     source, source_teachers = load_source(config.train.init_from)
-    table = transfer_weights(source.core, student.core, config.train.init_fresh_directions)  # names what cannot
+    table = transfer_weights(source.core, student.core, **transfer_options(config))  # names what cannot
     table.source = str(config.train.init_from)
     table.copied = [f"core.{e}" for e in table.copied]
     table.resampled = [f"core.{e}" for e in table.resampled]
     table.fresh = [f"core.{e}" for e in table.fresh]
     for name in student.heads:
         if name in source.teacher_dims:
-            transfer_maps(source.maps(name), student.heads[name], f"heads.{name}.", table)
+            transfer_maps(source.maps(name), student.heads[name], f"heads.{name}.", table, config.train.transfer_face)
     table.dropped += [f"maps of teacher {n}" for n in source.teachers if n not in student.teacher_dims]
     for name, tcfg in teachers.items():
         old = source_teachers.get(name)

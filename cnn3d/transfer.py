@@ -98,10 +98,24 @@ def load_student(folder: str | Path, device: torch.device | str = "cpu") -> tupl
 # --------------------------------------------------------------------------- the face grid
 
 
-def _interp_matrix(n_from: int, n_to: int) -> torch.Tensor:
-    """``[n_to, n_from]``: linear interpolation of a 1-D grid (cell centres, edges clamped)."""
+FACE_MAPS = ("stretch", "embed")
+
+
+def _interp_matrix(n_from: int, n_to: int, face_map: str = "stretch") -> torch.Tensor:
+    """``[n_to, n_from]``: how a 1-D face axis of ``n_from`` cells becomes one of ``n_to``.
+
+    ``stretch``: linear interpolation (cell centres, edges clamped): the old face spread over the new one.
+    ``embed``: the old cells unscaled in the middle of the new axis (a 0/1 selection; shrinking keeps the
+    middle cells), so every cell keeps its neighbours at the same distance -- the scale the cell was trained at.
+    """
     if n_from == n_to:
         return torch.eye(n_to)
+    if face_map == "embed":
+        out = torch.zeros(n_to, n_from)
+        offset = (n_to - n_from) // 2  # negative when shrinking: the middle n_to source cells
+        for i in range(max(0, -offset), min(n_from, n_to - offset)):
+            out[i + offset, i] = 1.0
+        return out
     basis = torch.eye(n_from, dtype=torch.float64).unsqueeze(1)  # [n_from, 1, n_from]
     return F.interpolate(basis, size=n_to, mode="linear", align_corners=False)[:, 0].T.float()
 
@@ -112,13 +126,14 @@ def _face_view(t: torch.Tensor, axis: int, face: tuple[int, int, int]) -> torch.
 
 
 def resample_face(t: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tuple[int, int, int],
-                  read_side: bool) -> torch.Tensor:
+                  read_side: bool, face_map: str = "stretch") -> torch.Tensor:
     """Resample ``t``'s face axis from face ``src`` (F, H, W) to ``dst`` (same F).
 
     ``read_side=False``: values on the face, ``A_h v A_w^T``. ``read_side=True``: weights that
     read the face, ``w pinv(A_h) ... pinv(A_w)^T``, so ``resampled(w) . A = w`` when growing.
+    ``face_map`` chooses ``A`` (``_interp_matrix``): interpolation or embedding.
     """
-    a_h, a_w = _interp_matrix(src[1], dst[1]), _interp_matrix(src[2], dst[2])  # [H', H], [W', W]
+    a_h, a_w = _interp_matrix(src[1], dst[1], face_map), _interp_matrix(src[2], dst[2], face_map)  # [H', H], [W', W]
     if read_side:
         a_h, a_w = torch.linalg.pinv(a_h).T, torch.linalg.pinv(a_w).T  # [H', H] again: pinv is [H, H']
     v = _face_view(t.float(), axis, src)  # [..., F, H, W]
@@ -127,14 +142,16 @@ def resample_face(t: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tu
     return out.movedim(-1, axis).to(t.dtype)
 
 
-def fresh_complement(fresh: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tuple[int, int, int]) -> torch.Tensor:
+def fresh_complement(fresh: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tuple[int, int, int],
+                     face_map: str = "stretch") -> torch.Tensor:
     """The part of ``fresh`` (a target tensor at initialisation) along face directions a grown face cannot get
     from the source: ``fresh (I - A pinv(A))`` on ``axis``, ``A`` the interpolation from ``src`` to ``dst``.
 
     ``A pinv(A) = (A_h pinv(A_h)) (x) (A_w pinv(A_w))`` is the symmetric projector onto the interpolated faces,
     so the same product serves weights that write the face (rows) and weights that read it (columns).
     """
-    q_h, q_w = (a @ torch.linalg.pinv(a) for a in (_interp_matrix(src[1], dst[1]), _interp_matrix(src[2], dst[2])))
+    q_h, q_w = (a @ torch.linalg.pinv(a) for a in (_interp_matrix(src[1], dst[1], face_map),
+                                                   _interp_matrix(src[2], dst[2], face_map)))
     v = _face_view(fresh.float(), axis, dst)  # [..., F, H', W']
     inside = torch.einsum("ia,...fab,jb->...fij", q_h, v, q_w).reshape(*v.shape[:-3], dst[0] * dst[1] * dst[2])
     return (fresh.float() - inside.movedim(-1, axis)).to(fresh.dtype)
@@ -219,14 +236,18 @@ def _entry(name: str, src: torch.Tensor | None, dst: torch.Tensor) -> str:
 
 @torch.no_grad()
 def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent,
-                     fresh_directions: bool = False) -> TransferTable:
+                     fresh_directions: bool = False, face_map: str = "stretch") -> TransferTable:
     """Fill ``target`` from ``source`` (a student or a checkpoint folder); returns what was done to each tensor.
 
     ``fresh_directions`` (``train.init_fresh_directions``): when the face grows, the face maps' matrices also
     keep the target's initial weights along the face directions interpolation cannot reach (see
-    ``fresh_complement``). Raises ``TransferError`` (a ``UserError``) when the cell, expert set or teacher
-    dimension differ.
+    ``fresh_complement``). ``face_map`` (``train.transfer_face``): ``stretch`` interpolates the face,
+    ``embed`` places it unscaled in the middle of a larger face, whose new cells keep the target's
+    initialisation in every face-indexed tensor. Raises ``TransferError`` (a ``UserError``) when the cell,
+    expert set or teacher dimension differ.
     """
+    if face_map not in FACE_MAPS:
+        raise UserError(f"train.transfer_face {face_map!r}: expected one of {', '.join(FACE_MAPS)}")
     name = str(source) if isinstance(source, (str, Path)) else "a student"
     if isinstance(source, (str, Path)):
         source = load_student(source)[0]
@@ -238,7 +259,7 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     new_state = {}
     for key, dst in target.state_dict().items():
         new_state[key] = _transfer_one(key, src_state.get(key), dst, key in buffers, src_face, dst_face, table,
-                                       fresh_directions)
+                                       fresh_directions, face_map)
     target.load_state_dict(new_state, strict=True)
     persistent = set(new_state)
     table.redrawn += [_entry(k, None, b) + " (rebuilt at construction)" for k, b in target.named_buffers()
@@ -248,13 +269,15 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
 
 
 @torch.no_grad()
-def transfer_maps(source: torch.nn.Module, target: torch.nn.Module, prefix: str, table: TransferTable) -> None:
+def transfer_maps(source: torch.nn.Module, target: torch.nn.Module, prefix: str, table: TransferTable,
+                  face_map: str = "stretch") -> None:
     """Fill one teacher's face maps (an ``EmbeddingTransformer``) from another's, resampled over the face like
     a student's ``transform.*``; entries join ``table`` named ``prefix + name``."""
     sub = TransferTable(table.source, [], [])
     src_state = {k: v.detach().cpu() for k, v in source.state_dict().items()}
     buffers = {k for k, _ in target.named_buffers()}
-    new_state = {k: _transfer_one(FACE_PREFIX + k, src_state.get(k), dst, k in buffers, source.face, target.face, sub)
+    new_state = {k: _transfer_one(FACE_PREFIX + k, src_state.get(k), dst, k in buffers, source.face, target.face, sub,
+                                  face_map=face_map)
                  for k, dst in target.state_dict().items()}
     target.load_state_dict(new_state, strict=True)
     for action in ("copied", "resampled", "fresh", "redrawn"):
@@ -262,7 +285,7 @@ def transfer_maps(source: torch.nn.Module, target: torch.nn.Module, prefix: str,
 
 
 def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferTable,
-                  fresh_directions: bool = False) -> torch.Tensor:
+                  fresh_directions: bool = False, face_map: str = "stretch") -> torch.Tensor:
     """The value ``key`` gets in the target, recording the action in ``table``."""
     face_changed = src_face != dst_face and key.startswith(FACE_PREFIX)
     if is_buffer:  # fixed patterns: the target's own, drawn by the same rule at its size
@@ -278,8 +301,12 @@ def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferT
         n_src, n_dst = src_face[0] * src_face[1] * src_face[2], dst_face[0] * dst_face[1] * dst_face[2]
         axis = _face_axis(key, src, dst, n_src, n_dst)
         if axis is not None:
-            out = resample_face(src, axis, src_face, dst_face, key.startswith(READ_SIDE)).to(dst.device)
-            if fresh_directions and dst.dim() == 2 and n_dst > n_src:  # a matrix on a grown face: no saddle
+            out = resample_face(src, axis, src_face, dst_face, key.startswith(READ_SIDE), face_map).to(dst.device)
+            if face_map == "embed" and n_dst > n_src:  # the new border cells: the target's own initialisation
+                # (every tensor, vectors too: a zero LayerNorm scale there would silence those cells for good)
+                out = out + fresh_complement(dst, axis, src_face, dst_face, face_map).to(out.device)
+                table.resampled.append(_entry(key, src, dst) + " embedded, new cells fresh")
+            elif fresh_directions and dst.dim() == 2 and n_dst > n_src:  # a matrix on a grown face: no saddle
                 out = out + fresh_complement(dst, axis, src_face, dst_face).to(out.device)
                 table.resampled.append(_entry(key, src, dst) + " + fresh directions")
             else:
@@ -293,6 +320,11 @@ def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferT
 
 
 # --------------------------------------------------------------------------- growing
+
+
+def transfer_options(config: Config) -> dict[str, Any]:
+    """``transfer_weights``'s options from a config (``train.init_fresh_directions``, ``train.transfer_face``)."""
+    return {"fresh_directions": config.train.init_fresh_directions, "face_map": config.train.transfer_face}
 
 
 def stage_config(config: Config, epoch: int) -> Config:
@@ -313,7 +345,7 @@ def stage_config(config: Config, epoch: int) -> Config:
 def grow(model: LatticeStudent, config: Config, device: torch.device) -> tuple[LatticeStudent, TransferTable]:
     """A new student for ``config`` (seeded by ``train.seed``), filled from ``model`` by ``transfer_weights``."""
     target = build_model(config, model.teacher_dim)
-    table = transfer_weights(model, target, config.train.init_fresh_directions)
+    table = transfer_weights(model, target, **transfer_options(config))
     table.source = "x".join(map(str, model.dims))
     return target.to(device), table
 
@@ -342,7 +374,7 @@ def initial_student(config: Config, teacher_dim: int, device: torch.device,
     if init_source(config) and not resume_from:
         source, source_config, _ = load_student(config.train.init_from)
         _warn_other_teacher(source_config, config)
-        table = transfer_weights(source, model, config.train.init_fresh_directions)
+        table = transfer_weights(source, model, **transfer_options(config))
         table.source = str(config.train.init_from)
         log_table(table)
         extra["transfer"] = table.as_dict()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cnn3d import build_model, preset, with_overrides
+from cnn3d.checkpoint import read_checkpoint_meta
 from cnn3d.config import ConfigError
 from cnn3d.errors import UserError
 from cnn3d.train import prepare_data, train
@@ -189,3 +190,43 @@ def test_fresh_directions_break_the_low_rank_start_and_keep_the_carried_face_exa
     for student in (plain, filled):
         torch.testing.assert_close(grown @ student.transform.decode.weight.T, face @ source.transform.decode.weight.T,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_embed_places_the_source_face_unscaled_in_the_middle_and_keeps_fresh_cells_around_it():
+    """train.transfer_face=embed: a 4x4 face inside a 6x6 one at offset 1; inside, every face-indexed tensor is the
+    source's (write side and read side alike); outside, the target's own initialisation (LayerNorm scale 1, not 0)."""
+    source, _ = _student(**{"train.seed": 1})
+    target, _ = _student(**{"lattice.size": 6, "lattice.depth": 4})
+    init = {k: v.clone() for k, v in target.state_dict().items()}
+    table = transfer_weights(source, target, face_map="embed")
+    assert any(e.startswith("transform.encode.weight") and e.endswith("embedded, new cells fresh") for e in table.resampled)
+    inside = torch.zeros(6, 6, dtype=torch.bool)
+    inside[1:5, 1:5] = True
+    inside = inside.flatten()  # face position y * W + x (face_channels 1)
+    src, dst = source.state_dict(), target.state_dict()
+    for key, axis in (("transform.encode.weight", 0), ("transform.encode.bias", 0), ("transform.norm_in.weight", 0),
+                      ("transform.position", 0), ("transform.decode.weight", 1)):
+        got = dst[key].movedim(axis, 0)
+        torch.testing.assert_close(got[inside], src[key].movedim(axis, 0), rtol=0, atol=0)
+        torch.testing.assert_close(got[~inside], init[key].movedim(axis, 0)[~inside], rtol=0, atol=0)
+    assert torch.all(dst["transform.norm_in.weight"][~inside] == 1)
+    cell = [k for k in dst if k.startswith(("processor.", "face_io.")) and not k.endswith(".links")]
+    assert all(torch.equal(src[k], dst[k]) for k in cell)
+    # shrinking keeps the middle cells
+    small, _ = _student(**{"lattice.size": 2, "lattice.depth": 4})
+    transfer_weights(source, small, face_map="embed")
+    middle = torch.zeros(4, 4, dtype=torch.bool)
+    middle[1:3, 1:3] = True
+    torch.testing.assert_close(small.state_dict()["transform.encode.weight"], src["transform.encode.weight"][middle.flatten()])
+    with pytest.raises(UserError, match="train.transfer_face 'tile'"):
+        transfer_weights(source, small, face_map="tile")
+
+
+def test_embed_is_a_config_key_that_growing_uses(tmp_path):
+    config = with_overrides(preset("test"), {**TINY, "train.main_epochs": 2, "train.grow_schedule": "3x1",
+                                             "train.transfer_face": "embed", "data.cache_dir": str(tmp_path / "c")})
+    train(config, data=prepare_data(config, torch.device("cpu")), out_dir=tmp_path / "run", progress=False)
+    grown = [e for step in read_checkpoint_meta(tmp_path / "run")[1]["grow"] for e in step["resampled"]]
+    assert grown and all(e.endswith("embedded, new cells fresh") for e in grown if e.startswith("transform.encode"))
+    with pytest.raises(ConfigError, match="transfer_face"):
+        with_overrides(preset("test"), {"train.transfer_face": "tile"})
