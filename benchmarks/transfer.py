@@ -65,6 +65,8 @@ def main() -> None:
                         help="add an arm transferred with train.transfer_face=embed (the source face unscaled in the "
                              "middle of the larger one; docs/transfer.md)")
     parser.add_argument("--skip-stretch", action="store_true", help="leave out the default (stretched) transfer arm")
+    parser.add_argument("--grow-only", action="store_true",
+                        help="only scratch and the growing run(s): no transfer arms (with --embed: grow both ways)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -110,13 +112,16 @@ def main() -> None:
             print(f"before training: {name} {value:.4f} ({value / ceiling:.3f} of ceiling)")
 
         runs = {"scratch": curve(train(target_cfg, data=data, progress=False).history)}
-        if not args.skip_stretch:
+        if not args.skip_stretch and not args.grow_only:
             runs["transfer"] = curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds)
-        for name, cfg in variant_cfgs.items():
+        for name, cfg in variant_cfgs.items() if not args.grow_only else ():
             runs[name] = curve(train(cfg, data=data, progress=False).history, transfer_seconds)
         if args.grow:
             grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow})
             runs[f"grow {args.grow}"] = curve(train(grow_cfg, data=data, progress=False).history)
+            if args.embed:
+                grow_cfg = with_overrides(grow_cfg, {"train.transfer_face": "embed"})
+                runs[f"grow {args.grow} embed"] = curve(train(grow_cfg, data=data, progress=False).history)
         report(runs, ceiling, args)
 
 
@@ -140,11 +145,10 @@ def report(runs: dict[str, list], ceiling: float, args) -> None:
             print(f"  {name}/scratch epochs to 0.9 x ceiling: {hits[1][0] / hits[0][0]:.2f} (target <= 0.5)")
         else:
             print(f"  {name}: 0.9 x ceiling not reached by both arms within the epochs run: ratio not measured")
-    if args.grow:
-        grow = runs[f"grow {args.grow}"]
+    for name, grow in [(n, p) for n, p in runs.items() if n.startswith("grow")]:
         end = grow[-1][2]
         fixed = at_time(scratch, end)
-        print(f"\nequal wall time ({end:.0f}s, the grow run's total): grow {grow[-1][1]:.4f} "
+        print(f"\nequal wall time ({end:.0f}s, {name}'s total): {name} {grow[-1][1]:.4f} "
               f"({grow[-1][1] / ceiling:.3f}) vs fixed size "
               + (f"{fixed:.4f} ({fixed / ceiling:.3f})" if fixed is not None else "no epoch finished yet"))
 
