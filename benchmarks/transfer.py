@@ -105,7 +105,7 @@ def main() -> None:
         variants = {"transfer+fresh": {"train.init_fresh_directions": True}} if args.fresh else {}
         if args.embed:
             variants["transfer embed"] = {"train.transfer_face": "embed"}
-        variant_cfgs = {name: with_overrides(transfer_cfg, change) for name, change in variants.items()}
+        variant_cfgs = {} if args.grow_only else {n: with_overrides(transfer_cfg, c) for n, c in variants.items()}
         for name, cfg in variant_cfgs.items():
             seeded, _ = initial_student(cfg, data.teacher_dim, device)
             value = evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"]
@@ -114,7 +114,7 @@ def main() -> None:
         runs = {"scratch": curve(train(target_cfg, data=data, progress=False).history)}
         if not args.skip_stretch and not args.grow_only:
             runs["transfer"] = curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds)
-        for name, cfg in variant_cfgs.items() if not args.grow_only else ():
+        for name, cfg in variant_cfgs.items():
             runs[name] = curve(train(cfg, data=data, progress=False).history, transfer_seconds)
         if args.grow:
             grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow})

@@ -120,6 +120,11 @@ def _interp_matrix(n_from: int, n_to: int, face_map: str = "stretch") -> torch.T
     return F.interpolate(basis, size=n_to, mode="linear", align_corners=False)[:, 0].T.float()
 
 
+def _face_maps(src: tuple[int, int, int], dst: tuple[int, int, int], face_map: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_h [H', H], A_w [W', W])``: the face map ``A = A_h (x) A_w`` from face ``src`` to ``dst``."""
+    return _interp_matrix(src[1], dst[1], face_map), _interp_matrix(src[2], dst[2], face_map)
+
+
 def _face_view(t: torch.Tensor, axis: int, face: tuple[int, int, int]) -> torch.Tensor:
     """Split ``axis`` (F*H*W numbers) into (F, H, W), moved last: ``[..., F, H, W]``."""
     return t.movedim(axis, -1).reshape(*t.movedim(axis, -1).shape[:-1], *face)
@@ -133,7 +138,7 @@ def resample_face(t: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tu
     read the face, ``w pinv(A_h) ... pinv(A_w)^T``, so ``resampled(w) . A = w`` when growing.
     ``face_map`` chooses ``A`` (``_interp_matrix``): interpolation or embedding.
     """
-    a_h, a_w = _interp_matrix(src[1], dst[1], face_map), _interp_matrix(src[2], dst[2], face_map)  # [H', H], [W', W]
+    a_h, a_w = _face_maps(src, dst, face_map)  # [H', H], [W', W]
     if read_side:
         a_h, a_w = torch.linalg.pinv(a_h).T, torch.linalg.pinv(a_w).T  # [H', H] again: pinv is [H, H']
     v = _face_view(t.float(), axis, src)  # [..., F, H, W]
@@ -145,13 +150,13 @@ def resample_face(t: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tu
 def fresh_complement(fresh: torch.Tensor, axis: int, src: tuple[int, int, int], dst: tuple[int, int, int],
                      face_map: str = "stretch") -> torch.Tensor:
     """The part of ``fresh`` (a target tensor at initialisation) along face directions a grown face cannot get
-    from the source: ``fresh (I - A pinv(A))`` on ``axis``, ``A`` the interpolation from ``src`` to ``dst``.
+    from the source: ``fresh (I - A pinv(A))`` on ``axis``, ``A`` the face map from ``src`` to ``dst``
+    (interpolation or embedding, ``face_map``).
 
-    ``A pinv(A) = (A_h pinv(A_h)) (x) (A_w pinv(A_w))`` is the symmetric projector onto the interpolated faces,
+    ``A pinv(A) = (A_h pinv(A_h)) (x) (A_w pinv(A_w))`` is the symmetric projector onto the mapped faces,
     so the same product serves weights that write the face (rows) and weights that read it (columns).
     """
-    q_h, q_w = (a @ torch.linalg.pinv(a) for a in (_interp_matrix(src[1], dst[1], face_map),
-                                                   _interp_matrix(src[2], dst[2], face_map)))
+    q_h, q_w = (a @ torch.linalg.pinv(a) for a in _face_maps(src, dst, face_map))
     v = _face_view(fresh.float(), axis, dst)  # [..., F, H', W']
     inside = torch.einsum("ia,...fab,jb->...fij", q_h, v, q_w).reshape(*v.shape[:-3], dst[0] * dst[1] * dst[2])
     return (fresh.float() - inside.movedim(-1, axis)).to(fresh.dtype)
