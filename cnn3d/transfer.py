@@ -11,7 +11,9 @@ face that the lattice merely carries decodes to the same vector as before. Why t
 size-free parametrisation is argued in docs/transfer.md.
 
 Size-dependent fixed patterns (the distant links, the functional expert's inside mask) are
-buffers built at construction: the target keeps its own, drawn by the same rule at its size.
+buffers built at construction: the target keeps its own, drawn by the same rule at its size --
+except that ``embed`` (same depth) carries the source's distant links into the embedded block,
+since a trained cell can depend on which partners its links reach (``embed_links``).
 ``transfer_weights`` returns a ``TransferTable`` naming what was copied, resampled, freshly
 initialised, redrawn or dropped; the trainer logs it and keeps it in the checkpoint's meta.
 """
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 FACE_PREFIX = "transform."  # parameters indexed by face position
 READ_SIDE = "transform.decode."  # maps that read the face (face on their input axis)
+LINKS = ".links"  # the distant expert's fixed partner indices [N, L] (a buffer)
 # parameter-name fragments of the cell that only fit when these config keys agree
 CELL_KEYS = {
     "experts.local.mlp": "moe.local_hidden",
@@ -162,6 +165,35 @@ def fresh_complement(fresh: torch.Tensor, axis: int, src: tuple[int, int, int], 
     return (fresh.float() - inside.movedim(-1, axis)).to(fresh.dtype)
 
 
+def embeds(src_dims: tuple[int, int, int], dst_dims: tuple[int, int, int]) -> bool:
+    """Whether ``embed`` places the whole source lattice inside a larger target: same depth, a face as large or larger."""
+    return (src_dims != dst_dims and src_dims[0] == dst_dims[0] and src_dims[1] <= dst_dims[1]
+            and src_dims[2] <= dst_dims[2])
+
+
+def embed_links(src: torch.Tensor, src_dims: tuple[int, int, int], dst: torch.Tensor,
+                dst_dims: tuple[int, int, int]) -> torch.Tensor:
+    """The target's distant links ``dst [N', L]`` with the source's ``src [N, L]`` carried into the embedded block.
+
+    The block sits where ``embed`` puts the face (offset ``(n' - n) // 2`` on each face axis, same depth), so a
+    cell of the block links to the same partners, at the same places, as it did in the source; cells outside
+    the block keep the links drawn for the target. Without this, a trained cell that leans on its distant
+    partners can lose its whole function in the transfer (BENCHMARKS.md, issue 11).
+    """
+    to_target = _embedded_index(src_dims, dst_dims)  # [N] source flat index -> target flat index
+    out = dst.clone()
+    out[to_target] = to_target[src.to(torch.long)].to(dst.dtype)
+    return out
+
+
+def _embedded_index(src_dims: tuple[int, int, int], dst_dims: tuple[int, int, int]) -> torch.Tensor:
+    """``[N]``: the target flat index of every source cell placed in the middle of the target's face."""
+    d, h, w = src_dims
+    _, h2, w2 = dst_dims
+    z, y, x = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    return (z * h2 * w2 + (y + (h2 - h) // 2) * w2 + (x + (w2 - w) // 2)).reshape(-1)
+
+
 def _face_axis(name: str, src: torch.Tensor, dst: torch.Tensor, n_src: int, n_dst: int) -> int | None:
     """The axis indexed by face position in both tensors, or None when the shapes do not line up."""
     if src.dim() != dst.dim():
@@ -247,8 +279,9 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     ``fresh_directions`` (``train.init_fresh_directions``): when the face grows, the face maps' matrices also
     keep the target's initial weights along the face directions interpolation cannot reach (see
     ``fresh_complement``). ``face_map`` (``train.transfer_face``): ``stretch`` interpolates the face,
-    ``embed`` places it unscaled in the middle of a larger face, whose new cells keep the target's
-    initialisation in every face-indexed tensor. Raises ``TransferError`` (a ``UserError``) when the cell,
+    ``embed`` places it unscaled in the middle of a larger face (and, at the same depth, the distant links of
+    the block with it): the new cells keep the target's initialisation in every tensor that writes or
+    normalises the face, and the decoder reads them with zero weights at first. Raises ``TransferError`` (a ``UserError``) when the cell,
     expert set or teacher dimension differ.
     """
     if face_map not in FACE_MAPS:
@@ -263,7 +296,12 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     buffers = {k for k, _ in target.named_buffers()}
     new_state = {}
     for key, dst in target.state_dict().items():
-        new_state[key] = _transfer_one(key, src_state.get(key), dst, key in buffers, src_face, dst_face, table,
+        src = src_state.get(key)
+        if face_map == "embed" and key.endswith(LINKS) and embeds(source.dims, target.dims) and src is not None:
+            new_state[key] = embed_links(src, source.dims, dst, target.dims)
+            table.resampled.append(_entry(key, src, dst) + " embedded, new cells' links drawn fresh")
+            continue
+        new_state[key] = _transfer_one(key, src, dst, key in buffers, src_face, dst_face, table,
                                        fresh_directions, face_map)
     target.load_state_dict(new_state, strict=True)
     persistent = set(new_state)
@@ -307,7 +345,11 @@ def _transfer_one(key, src, dst, is_buffer, src_face, dst_face, table: TransferT
         axis = _face_axis(key, src, dst, n_src, n_dst)
         if axis is not None:
             out = resample_face(src, axis, src_face, dst_face, key.startswith(READ_SIDE), face_map).to(dst.device)
-            if face_map == "embed" and n_dst > n_src:  # the new border cells: the target's own initialisation
+            if face_map == "embed" and n_dst > n_src and key.startswith(READ_SIDE):
+                # weights reading the new border cells start at zero: the output is the embedded block's, as before
+                # the transfer, and they still learn (their gradient is the border's values, not zero)
+                table.resampled.append(_entry(key, src, dst) + " embedded, new cells read as zero")
+            elif face_map == "embed" and n_dst > n_src:  # values on the new border cells: the target's own init
                 # (every tensor, vectors too: a zero LayerNorm scale there would silence those cells for good)
                 out = out + fresh_complement(dst, axis, src_face, dst_face, face_map).to(out.device)
                 table.resampled.append(_entry(key, src, dst) + " embedded, new cells fresh")

@@ -194,7 +194,8 @@ def test_fresh_directions_break_the_low_rank_start_and_keep_the_carried_face_exa
 
 def test_embed_places_the_source_face_unscaled_in_the_middle_and_keeps_fresh_cells_around_it():
     """train.transfer_face=embed: a 4x4 face inside a 6x6 one at offset 1; inside, every face-indexed tensor is the
-    source's (write side and read side alike); outside, the target's own initialisation (LayerNorm scale 1, not 0)."""
+    source's (write side and read side alike); outside, the target's own initialisation (LayerNorm scale 1, not 0)
+    where the face is written or normalised, and zero where the decoder reads it, so the output is the block's."""
     source, _ = _student(**{"train.seed": 1})
     target, _ = _student(**{"lattice.size": 6, "lattice.depth": 4})
     init = {k: v.clone() for k, v in target.state_dict().items()}
@@ -208,7 +209,9 @@ def test_embed_places_the_source_face_unscaled_in_the_middle_and_keeps_fresh_cel
                       ("transform.position", 0), ("transform.decode.weight", 1)):
         got = dst[key].movedim(axis, 0)
         torch.testing.assert_close(got[inside], src[key].movedim(axis, 0), rtol=0, atol=0)
-        torch.testing.assert_close(got[~inside], init[key].movedim(axis, 0)[~inside], rtol=0, atol=0)
+        around = torch.zeros_like(got[~inside]) if key.startswith("transform.decode") else init[key].movedim(axis, 0)[~inside]
+        torch.testing.assert_close(got[~inside], around, rtol=0, atol=0)
+    assert init["transform.decode.weight"][:, ~inside].abs().sum() > 0  # zero by the transfer, not by construction
     assert torch.all(dst["transform.norm_in.weight"][~inside] == 1)
     cell = [k for k in dst if k.startswith(("processor.", "face_io.")) and not k.endswith(".links")]
     assert all(torch.equal(src[k], dst[k]) for k in cell)
@@ -220,6 +223,31 @@ def test_embed_places_the_source_face_unscaled_in_the_middle_and_keeps_fresh_cel
     torch.testing.assert_close(small.state_dict()["transform.encode.weight"], src["transform.encode.weight"][middle.flatten()])
     with pytest.raises(UserError, match="train.transfer_face 'tile'"):
         transfer_weights(source, small, face_map="tile")
+
+
+def test_embed_carries_the_distant_links_so_the_embedded_block_mixes_the_same_partners():
+    """A trained cell can depend on which partners its distant links reach (a redraw cost one source 0.72 -> 0.02,
+    BENCHMARKS.md): with embed, the block's cells keep the source's partners, moved with the block; the new
+    cells keep the target's own draw, so the pattern is still a valid one for the larger lattice."""
+    source, _ = _student(**{"moe.seed": 3})
+    target, _ = _student(**{"lattice.size": 6, "lattice.depth": 4})
+    drawn = target.processor.experts["distant"].links.clone()
+    table = transfer_weights(source, target, face_map="embed")
+    assert any(e.startswith("processor.experts.distant.links") for e in table.resampled)
+    src_expert, dst_expert = source.processor.experts["distant"], target.processor.experts["distant"]
+    state = torch.randn(2, source.state_size, 4, 4, 4)  # [B, C, D, H, W] on the source lattice
+    grown = torch.zeros(2, source.state_size, 4, 6, 6)
+    grown[..., 1:5, 1:5] = state  # the same state in the middle of the target, zeros around it
+    torch.testing.assert_close(dst_expert(grown)[..., 1:5, 1:5], src_expert(state))
+    outside = torch.ones(4, 6, 6, dtype=torch.bool)
+    outside[:, 1:5, 1:5] = False
+    assert torch.equal(dst_expert.links[outside.flatten()], drawn[outside.flatten()])
+    # stretch, or another depth, redraws them all (the block has no place to go)
+    for face_map, dims in (("stretch", {"lattice.size": 6, "lattice.depth": 4}),
+                           ("embed", {"lattice.size": 6, "lattice.depth": 5})):
+        other, _ = _student(**dims)
+        table = transfer_weights(source, other, face_map=face_map)
+        assert any(e.startswith("processor.experts.distant.links") for e in table.redrawn)
 
 
 def test_embed_is_a_config_key_that_growing_uses(tmp_path):
