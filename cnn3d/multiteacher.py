@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 from . import metrics as M
 from .cache import EmbeddingCache, embed_with_cache
-from .checkpoint import load_weights, read_checkpoint_meta, save_checkpoint
+from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save_checkpoint
 from .config import PRIMARY_TEACHER, Config, TeacherConfig, from_dict, parse_extra_teachers, to_dict
 from .data import load_corpus
 from .decode import PhraseBank, build_bank
@@ -37,6 +38,7 @@ from .errors import UserError
 from .losses import total_loss
 from .model import LatticeStudent, StudentOutput, build_model
 from .teacher import load_teacher
+from .train import lr_factor
 from .transform import EmbeddingTransformer
 
 logger = logging.getLogger(__name__)
@@ -198,8 +200,10 @@ def train_multi(config: Config, data: MultiData, *, student: MultiTeacherStudent
         optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
         generator = torch.Generator().manual_seed(config.train.seed)
         history = []
-        for epoch in range(epochs if epochs is not None else config.train.main_epochs):
-            loss = _epoch(student, data, config, optimizer, params, generator)
+        epochs = epochs if epochs is not None else config.train.main_epochs
+        schedule = LrSchedule.for_run(config, len(data.train_texts), epochs)
+        for epoch in range(epochs):
+            loss = _epoch(student, data, config, optimizer, params, generator, schedule)
             history.append({"epoch": epoch + 1, "train_loss": loss, **evaluate_multi(student, data)})
             logger.info("epoch %d: val_cosine_fraction %.4f", epoch + 1, history[-1]["val_cosine_fraction"])
         student.trainable(())  # leave every parameter trainable again
@@ -207,7 +211,29 @@ def train_multi(config: Config, data: MultiData, *, student: MultiTeacherStudent
                        time.perf_counter() - started)
 
 
-def _epoch(student, data: MultiData, config: Config, optimizer, params, generator) -> float:
+@dataclass
+class LrSchedule:
+    """``train.scheduler`` over the batches of a whole run, as the single-teacher trainer runs it (``lr_factor``:
+    linear warm-up over the first 5 % of steps, then the decay), across optimisers (the frozen-cube stage's, then
+    everything's)."""
+
+    total_steps: int
+    scheduler: str
+    step: int = 0
+
+    @classmethod
+    def for_run(cls, config: Config, train_sentences: int, epochs: int) -> LrSchedule:
+        return cls(epochs * math.ceil(train_sentences / config.train.batch_size), config.train.scheduler)
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        """Set every group's lr for the next step (its base lr times the factor), then advance."""
+        factor = lr_factor(self.step, self.total_steps, self.scheduler, max(1, self.total_steps // 20))
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        self.step += 1
+
+
+def _epoch(student, data: MultiData, config: Config, optimizer, params, generator, schedule: LrSchedule) -> float:
     student.train()
     order = torch.randperm(len(data.train_texts), generator=generator)
     total, batches = 0.0, 0
@@ -220,6 +246,7 @@ def _epoch(student, data: MultiData, config: Config, optimizer, params, generato
         loss.backward()
         if config.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+        schedule.apply(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total += loss.item()
@@ -236,8 +263,10 @@ def _teacher_loss(student, name: str, target: torch.Tensor, config: Config) -> t
 
 
 def save_multi(folder: str | Path, student: MultiTeacherStudent, teachers: Mapping[str, TeacherConfig],
-               metrics: dict[str, float] | None = None, extra_meta: Mapping[str, Any] | None = None) -> Path:
-    """A checkpoint folder (same files as ``cnn3d-train --out``) with every teacher in ``meta.json``."""
+               metrics: dict[str, float] | None = None, extra_meta: Mapping[str, Any] | None = None,
+               optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """A checkpoint folder (same files as ``cnn3d-train --out``) with every teacher in ``meta.json`` (and the
+    optimiser's state, when given, for ``--resume``)."""
     meta = {
         "teacher_dim": student.teacher_dims[student.first],
         "teachers": {n: {"dim": student.teacher_dims[n], "config": to_dict(Config(teacher=teachers[n]))["teacher"]}
@@ -245,7 +274,7 @@ def save_multi(folder: str | Path, student: MultiTeacherStudent, teachers: Mappi
         "metrics": metrics or {},
         **(extra_meta or {}),
     }
-    return save_checkpoint(folder, student, student.config, meta)
+    return save_checkpoint(folder, student, student.config, meta, optimizer)
 
 
 def load_multi(folder: str | Path, device: torch.device | str = "cpu") -> tuple[MultiTeacherStudent, dict[str, TeacherConfig]]:
@@ -365,30 +394,51 @@ def initial_multi(config: Config, teacher_dims: Mapping[str, int],
     return student, {"transfer": table.as_dict()}, [n for n in student.teachers if n not in source.teacher_dims]
 
 
+def _resumed(ckpt, config: Config, teacher_dims: Mapping[str, int]) -> tuple[MultiTeacherStudent, dict, list[str]]:
+    """The student of a several-teacher checkpoint being resumed, its transfer meta and its new teachers."""
+    saved = ckpt.meta.get("teachers")
+    if saved is None:
+        raise UserError(f"cannot resume from {ckpt.folder}: it has one teacher and this run has several "
+                        "(teacher.extra); resume without teacher.extra, or train into a new --out with --init-from")
+    dims = {n: int(t["dim"]) for n, t in saved.items()}
+    if dims != dict(teacher_dims):
+        raise UserError(f"cannot resume from {ckpt.folder}: its teachers are {_dims_text(dims)}, this run's "
+                        f"{_dims_text(teacher_dims)}; pass the same teacher.extra or train into a new --out")
+    student = MultiTeacherStudent(config, dims)
+    load_weights(ckpt, student, "cpu")
+    meta = {"transfer": ckpt.meta["transfer"]} if "transfer" in ckpt.meta else {}
+    return student, meta, list(ckpt.meta.get("new_teachers", []))
+
+
+def _dims_text(dims: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} ({d}-D)" for n, d in dims.items())
+
+
 def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir, resume_from, show: bool, data=None):
     """``cnn3d.train.train`` for ``teacher.extra``: one cube, every teacher, metrics per teacher, a checkpoint a
     epoch that ``cnn3d-decode`` decodes with each teacher. Returns a ``TrainResult`` (``model``: the
     ``MultiTeacherStudent``).
 
-    Each batch runs the cube once per teacher and averages the losses (AdamW at ``train.lr``, gradient
-    clipping, no schedule). With ``train.init_from``, teachers the checkpoint lacks first train alone for
-    ``train.new_teacher_epochs`` of the ``train.main_epochs`` (the frozen-cube stage).
+    Each batch runs the cube once per teacher and averages the losses (AdamW at ``train.lr`` under
+    ``train.scheduler`` across all epochs, gradient clipping). With ``train.init_from``, teachers the checkpoint
+    lacks first train alone for ``train.new_teacher_epochs`` of the ``train.main_epochs`` (the frozen-cube stage).
+    ``resume_from`` continues a run from its checkpoint (weights, optimiser, schedule step, data order).
     """
-    from .train import EpochReport, TrainResult, prepare_data
+    from .train import EpochReport, TrainResult, _open_resume, prepare_data
     from .transfer import precheck
 
-    if resume_from is not None:
-        raise UserError("--resume does not support several teachers (teacher.extra) yet; train into a new --out, "
-                        "e.g. with --init-from the checkpoint")
     started = time.perf_counter()
     teachers = teacher_configs(config)
-    # an unloadable teacher or a bad train.init_from fails here: before any embedding, epoch or write
-    precheck(config)
+    # a bad checkpoint to resume, an unloadable teacher or a bad train.init_from fails here: before any
+    # embedding, epoch or write
+    resume = _open_resume(resume_from, config) if resume_from is not None else None
+    if resume is None:  # a resume ignores train.init_from, as a single-teacher resume does
+        precheck(config)
     extra = {n: _load_extra(n, t, device) for n, t in teachers.items() if n != PRIMARY_TEACHER}
     data = data or prepare_data(config, device, progress=show)
     multi = multi_data_from(data, extra, config)
     dims = {n: td.train.shape[1] for n, td in multi.teachers.items()}
-    student, meta, new = initial_multi(config, dims, teachers)
+    student, meta, new = initial_multi(config, dims, teachers) if resume is None else _resumed(resume, config, dims)
     student.to(device)
     frozen_epochs = min(config.train.new_teacher_epochs, config.train.main_epochs) if new else 0
     multi = MultiData(multi.train_texts, multi.val_texts,
@@ -397,15 +447,25 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     generator = torch.Generator().manual_seed(config.train.seed)
     history, examples, params, optimizer = [], [], None, None
     total = config.train.main_epochs
+    schedule = LrSchedule.for_run(config, len(multi.train_texts), total)
+    first_epoch = resume.epochs_done if resume else 0
     for epoch in range(total):
+        if epoch < first_epoch:  # replay the data order of the epochs done, so a resumed run matches a straight one
+            torch.randperm(len(multi.train_texts), generator=generator)
+            continue
         frozen = epoch < frozen_epochs
         if optimizer is None or epoch == frozen_epochs:  # the frozen-cube stage, then everything
             params = student.trainable(new if frozen else ())
             optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+            if resume is not None and epoch == first_epoch and epoch != frozen_epochs:  # same stage as saved
+                load_optimizer(resume, optimizer, device)
+                schedule.step = resume.step
+            elif resume is not None and epoch == first_epoch:
+                schedule.step = resume.step
         epoch_start = time.perf_counter()
-        loss = _epoch(student, multi, config, optimizer, params, generator)
+        loss = _epoch(student, multi, config, optimizer, params, generator, schedule)
         train_seconds = time.perf_counter() - epoch_start
-        metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": config.train.lr,
+        metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"],
                    "train_sentences": float(len(multi.train_texts)),
                    "throughput_samples_per_s": len(multi.train_texts) / max(train_seconds, 1e-9),
                    **data.cache_metrics, **_main_metrics(student, data, config, device),
@@ -418,7 +478,8 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
                     ", ".join(f"{n} {metrics[f'val_cosine/{n}']:.4f} of pca {metrics[f'baseline_pca_cosine/{n}']:.4f}"
                               for n in multi.teachers))
         if out_dir is not None:
-            save_multi(out_dir, student, teachers, metrics, {"epochs_done": epoch + 1, "new_teachers": new, **meta})
+            save_multi(out_dir, student, teachers, metrics,
+                       {"epochs_done": epoch + 1, "step": schedule.step, "new_teachers": new, **meta}, optimizer)
         report = EpochReport(epoch + 1, total, "new_teacher" if frozen else "main", metrics, examples)
         for callback in callbacks:
             callback(report)

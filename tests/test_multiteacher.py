@@ -96,6 +96,7 @@ def test_cli_trains_one_cube_with_two_teachers_and_decodes_with_each(cli_run):
     assert m["val_cosine_fraction"] == pytest.approx((m["val_cosine_fraction/main"] + m["val_cosine_fraction/cls"]) / 2)
     assert m["val_cosine"] == m["val_cosine/main"] and m["config"]["teacher.extra"] == ["cls:cls"]
     assert "teacher cls: val_cosine" in run.stdout
+    assert m["lr"] < 0.2 * 1e-2  # train.scheduler (cosine) ran: the last step's lr is near 10 % of train.lr=1e-2
     student, teachers = load_multi(tmp / "ckpt")  # one cube: the lattice's parameters once, maps per teacher
     names = [n for n, _ in student.named_parameters()]
     assert sum(n.startswith("core.processor.") for n in names) == len(list(student.core.processor.parameters()))
@@ -154,6 +155,36 @@ def test_init_from_adds_a_768d_teacher_frozen_cube_first_then_everything(cli_run
     for name, dim in result.model.teacher_dims.items():
         x = torch.randn(4, dim)
         torch.testing.assert_close(loaded(x, name).embedding, result.model(x, name).embedding, rtol=0, atol=0)
+
+
+def test_resume_continues_a_two_teacher_run_where_it_stopped(warm_cache, tmp_path):
+    """--resume for teacher.extra: weights, optimiser, schedule step and data order come back, so a run that
+    crashed after epoch 2 and was resumed ends where a straight run ends."""
+    from cnn3d.train import train
+
+    sets = dict(s.split("=", 1) for s in CLI_SETS)
+    config = with_overrides(preset("test"), {**sets, "train.main_epochs": 3, "data.cache_dir": str(warm_cache),
+                                             "teacher.extra": "cls:cls"})
+    straight = train(config, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_epoch_two(report):
+        if report.epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, out_dir=tmp_path / "ckpt", progress=False, callbacks=[crash_after_epoch_two])
+    epochs = []
+    resumed = train(config, resume_from=tmp_path / "ckpt", progress=False, callbacks=[lambda r: epochs.append(r.epoch)])
+    assert epochs == [3]
+    for name in ("main", "cls"):
+        assert resumed.metrics[f"val_cosine/{name}"] == pytest.approx(straight.metrics[f"val_cosine/{name}"], abs=1e-5)
+    assert resumed.metrics["lr"] == pytest.approx(straight.metrics["lr"])
+    assert (tmp_path / "ckpt" / "optimizer.safetensors").is_file()
+    with pytest.raises(UserError, match="teacher.extra"):  # another teacher set: one line, nothing trained
+        train(with_overrides(config, {"teacher.extra": "cls:mean"}), resume_from=tmp_path / "ckpt", progress=False)
 
 
 @pytest.mark.parametrize("model", ["/no/such/folder", "nobody/no-such-model"])
