@@ -23,7 +23,7 @@ quickstart: setup
 	$(BIN)/cnn3d-tune --param transform.dropout --trials 4 --set train.main_epochs=3
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 lint: setup
 	$(BIN)/ruff check cnn3d tuner tests benchmarks

@@ -9,6 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach t
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n 2``) each test process takes its share of the cores for torch:
+    two processes asking for every core would oversubscribe them, and torch's threads then spin at barriers
+    waiting for a descheduled partner (BENCHMARKS.md measured 20x slower steps that way)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 @pytest.fixture(scope="session")
 def warm_cache(tmp_path_factory):
     """A cache folder holding teacher embeddings of the built-in corpus (what prepare_data needs)."""
