@@ -30,3 +30,22 @@ def warm_cache(tmp_path_factory):
     teacher = load_teacher(TeacherConfig(), torch.device("cpu"))
     embed_with_cache(teacher, builtin_sentences(), EmbeddingCache(folder))
     return folder
+
+
+class Crash(Exception):
+    """What ``crash_after``'s callback raises: a run dying right after an epoch's checkpoint was written."""
+
+
+@pytest.fixture
+def crash_after():
+    """``crash_after(n)``: a trainer callback that raises ``crash_after.error`` once epoch ``n`` is reported."""
+
+    def make(epoch: int):
+        def callback(report):
+            if report.epoch == epoch:
+                raise Crash(f"crashed after epoch {epoch}")
+
+        return callback
+
+    make.error = Crash
+    return make

@@ -157,7 +157,7 @@ def test_init_from_adds_a_768d_teacher_frozen_cube_first_then_everything(cli_run
         torch.testing.assert_close(loaded(x, name).embedding, result.model(x, name).embedding, rtol=0, atol=0)
 
 
-def test_resume_continues_a_two_teacher_run_where_it_stopped(warm_cache, tmp_path):
+def test_resume_continues_a_two_teacher_run_where_it_stopped(warm_cache, tmp_path, crash_after):
     """--resume for teacher.extra: weights, optimiser, schedule step and data order come back, so a run that
     crashed after epoch 2 and was resumed ends where a straight run ends."""
     from cnn3d.train import train
@@ -166,16 +166,8 @@ def test_resume_continues_a_two_teacher_run_where_it_stopped(warm_cache, tmp_pat
     config = with_overrides(preset("test"), {**sets, "train.main_epochs": 3, "data.cache_dir": str(warm_cache),
                                              "teacher.extra": "cls:cls"})
     straight = train(config, progress=False)
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_epoch_two(report):
-        if report.epoch == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(config, out_dir=tmp_path / "ckpt", progress=False, callbacks=[crash_after_epoch_two])
+    with pytest.raises(crash_after.error):
+        train(config, out_dir=tmp_path / "ckpt", progress=False, callbacks=[crash_after(2)])
     epochs = []
     resumed = train(config, resume_from=tmp_path / "ckpt", progress=False, callbacks=[lambda r: epochs.append(r.epoch)])
     assert epochs == [3]

@@ -91,19 +91,12 @@ def test_non_finite_loss_stops_with_a_reason(tiny):
         train(config, data=replace(data, train=poisoned), progress=False)
 
 
-def test_resume_continues_where_the_checkpoint_left_off(tiny, tmp_path):
+def test_resume_continues_where_the_checkpoint_left_off(tiny, tmp_path, crash_after):
     config, data = tiny
     three = with_overrides(config, {"train.main_epochs": 3})
     straight = train(three, data=data, progress=False)
-    class Crash(Exception):
-        pass
-
-    def crash_after_epoch_two(report):
-        if report.epoch == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(three, data=data, progress=False, out_dir=tmp_path / "ckpt", callbacks=[crash_after_epoch_two])
+    with pytest.raises(crash_after.error):
+        train(three, data=data, progress=False, out_dir=tmp_path / "ckpt", callbacks=[crash_after(2)])
     assert read_checkpoint_meta(tmp_path / "ckpt")[1]["epochs_done"] == 2
     epochs = []
     resumed = train(three, data=data, progress=False, resume_from=tmp_path / "ckpt",
