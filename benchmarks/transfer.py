@@ -4,12 +4,14 @@
 
 1. Trains a source student on the ``test`` preset (8x8x8) and saves it.
 2. Trains the target (``wide`` preset, 16x16 face, depth 8) from scratch and from the
-   source (``train.init_from``), same data, seed and schedule. Prints val_cosine right
+   source (``train.init_from``), once per face map (``train.transfer_face``: ``embed``, the
+   default, and ``stretch``; ``--skip-embed``/``--skip-stretch`` leave one out), same data,
+   seed and schedule. Prints val_cosine right
    after the transfer (before any training) beside an untrained target, then per epoch
    val_cosine, its fraction of the target's PCA ceiling and the cumulative seconds, and
    the epochs and seconds each arm needs to reach 0.5/0.7/0.8/0.9 x the ceiling.
-3. Trains the target with ``train.grow_schedule`` (small first, then the target size) for
-   the same number of epochs, and compares quality at equal wall time with the fixed-size
+3. Trains the target with ``train.grow_schedule`` (small first, then the target size; once
+   per face map kept) for the same number of epochs, and compares quality at equal wall time with the fixed-size
    scratch run.
 
 Every figure stands beside the PCA ceiling and the mean-vector floor of the same split.
@@ -61,12 +63,13 @@ def main() -> None:
     parser.add_argument("--grow", default="8x2", help="train.grow_schedule of the growing run ('' skips it)")
     parser.add_argument("--fresh", action="store_true",
                         help="add an arm transferred with train.init_fresh_directions=true (docs/transfer.md)")
-    parser.add_argument("--embed", action="store_true",
-                        help="add an arm transferred with train.transfer_face=embed (the source face unscaled in the "
-                             "middle of the larger one; docs/transfer.md)")
-    parser.add_argument("--skip-stretch", action="store_true", help="leave out the default (stretched) transfer arm")
+    parser.add_argument("--skip-embed", action="store_true",
+                        help="leave out the arm transferred with train.transfer_face=embed (the default)")
+    parser.add_argument("--skip-stretch", action="store_true",
+                        help="leave out the arm transferred with train.transfer_face=stretch")
+    parser.add_argument("--embed", action="store_true", help=argparse.SUPPRESS)  # older spelling: embed always runs now
     parser.add_argument("--grow-only", action="store_true",
-                        help="only scratch and the growing run(s): no transfer arms (with --embed: grow both ways)")
+                        help="only scratch and the growing runs (one per face map kept): no transfer arms")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -95,40 +98,36 @@ def main() -> None:
               f"mean floor {floor:.4f}")
         transfer_cfg = with_overrides(target_cfg, {"train.init_from": str(folder)})
         untrained = evaluate(build_model(target_cfg, data.teacher_dim), data, target_cfg, device, None)["metrics"]
-        t0 = time.perf_counter()
-        seeded, _ = initial_student(transfer_cfg, data.teacher_dim, device)
-        transfer_seconds = time.perf_counter() - t0
-        after = evaluate(seeded, data, transfer_cfg, device, None)["metrics"]
-        print(f"before training: scratch val_cosine {untrained['val_cosine']:.4f} | transferred "
-              f"{after['val_cosine']:.4f} ({after['val_cosine'] / ceiling:.3f} of ceiling; transfer step "
-              f"{transfer_seconds:.1f}s) | source on its own face {sm['val_cosine']:.4f}")
-        variants = {"transfer+fresh": {"train.init_fresh_directions": True}} if args.fresh else {}
-        if args.embed:
-            variants["transfer embed"] = {"train.transfer_face": "embed"}
+        faces = [f for f, skip in (("embed", args.skip_embed), ("stretch", args.skip_stretch)) if not skip]
+        variants = {f"transfer {face}": {"train.transfer_face": face} for face in faces}
+        if args.fresh:
+            variants["transfer stretch+fresh"] = {"train.transfer_face": "stretch", "train.init_fresh_directions": True}
         variant_cfgs = {} if args.grow_only else {n: with_overrides(transfer_cfg, c) for n, c in variants.items()}
+        transfer_seconds = {}
+        print(f"before training: scratch val_cosine {untrained['val_cosine']:.4f} | source on its own face "
+              f"{sm['val_cosine']:.4f}")
         for name, cfg in variant_cfgs.items():
+            t0 = time.perf_counter()
             seeded, _ = initial_student(cfg, data.teacher_dim, device)
+            transfer_seconds[name] = time.perf_counter() - t0
             value = evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"]
-            print(f"before training: {name} {value:.4f} ({value / ceiling:.3f} of ceiling)")
+            print(f"before training: {name} {value:.4f} ({value / ceiling:.3f} of ceiling; transfer step "
+                  f"{transfer_seconds[name]:.1f}s)")
 
         runs = {"scratch": curve(train(target_cfg, data=data, progress=False).history)}
-        if not args.skip_stretch and not args.grow_only:
-            runs["transfer"] = curve(train(transfer_cfg, data=data, progress=False).history, transfer_seconds)
         for name, cfg in variant_cfgs.items():
-            runs[name] = curve(train(cfg, data=data, progress=False).history, transfer_seconds)
+            runs[name] = curve(train(cfg, data=data, progress=False).history, transfer_seconds[name])
         if args.grow:
-            grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow})
-            runs[f"grow {args.grow}"] = curve(train(grow_cfg, data=data, progress=False).history)
-            if args.embed:
-                grow_cfg = with_overrides(grow_cfg, {"train.transfer_face": "embed"})
-                runs[f"grow {args.grow} embed"] = curve(train(grow_cfg, data=data, progress=False).history)
+            for face in faces:
+                grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow, "train.transfer_face": face})
+                runs[f"grow {args.grow} {face}"] = curve(train(grow_cfg, data=data, progress=False).history)
         report(runs, ceiling, args)
 
 
 def report(runs: dict[str, list], ceiling: float, args) -> None:
     print("\nper epoch: val_cosine (fraction of ceiling) @ cumulative seconds")
     for name, points in runs.items():
-        print(f"  {name:14} " + "  ".join(f"e{e}: {v:.4f} ({v / ceiling:.3f}) @{s:.0f}s" for e, v, s in points))
+        print(f"  {name:22} " + "  ".join(f"e{e}: {v:.4f} ({v / ceiling:.3f}) @{s:.0f}s" for e, v, s in points))
     print("\nepochs (seconds) to reach a fraction of the ceiling")
     for frac in FRACTIONS:
         cells = []

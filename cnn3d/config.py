@@ -217,12 +217,13 @@ class TrainConfig:
         "none", "Grow the cube while training: SIZExEPOCHS stages joined by '+' (8x2+12x2), then lattice.size; 'none' = fixed size.", tune=False
     )
     init_fresh_directions: bool = param(
-        False, "Transfer to a larger face (train.init_from, growing): keep fresh initial weights in the face maps along "
+        False, "With train.transfer_face=stretch, to a larger face: keep fresh initial weights in the face maps along "
         "the face directions interpolation cannot reach, instead of zeros (docs/transfer.md).", tune=False,
     )
     transfer_face: Literal["stretch", "embed"] = param(
-        "stretch", "Transfer to another face size (train.init_from, growing): 'stretch' interpolates the source face "
-        "over the new one; 'embed' places it unscaled in the centre, new cells fresh (docs/transfer.md).",
+        "embed", "Transfer to another face size (train.init_from, growing): 'embed' places the source face (and, at the "
+        "same depth, its distant links) unscaled in the centre, new cells fresh; 'stretch' interpolates it over the "
+        "new face (docs/transfer.md).",
         choices=("stretch", "embed"), tune=False,
     )
     new_teacher_epochs: int = param(

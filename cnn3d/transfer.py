@@ -273,7 +273,7 @@ def _entry(name: str, src: torch.Tensor | None, dst: torch.Tensor) -> str:
 
 @torch.no_grad()
 def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent,
-                     fresh_directions: bool = False, face_map: str = "stretch") -> TransferTable:
+                     fresh_directions: bool = False, face_map: str = "embed") -> TransferTable:
     """Fill ``target`` from ``source`` (a student or a checkpoint folder); returns what was done to each tensor.
 
     ``fresh_directions`` (``train.init_fresh_directions``): when the face grows, the face maps' matrices also
@@ -313,7 +313,7 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
 
 @torch.no_grad()
 def transfer_maps(source: torch.nn.Module, target: torch.nn.Module, prefix: str, table: TransferTable,
-                  face_map: str = "stretch") -> None:
+                  face_map: str = "embed") -> None:
     """Fill one teacher's face maps (an ``EmbeddingTransformer``) from another's, resampled over the face like
     a student's ``transform.*``; entries join ``table`` named ``prefix + name``."""
     sub = TransferTable(table.source, [], [])
