@@ -204,7 +204,8 @@ def test_sigkill_at_random_points_of_saving_never_leaves_a_mixed_checkpoint(tmp_
     ctx = multiprocessing.get_context("fork")
     last, loaded, refused = 0, [], 0
     for _ in range(24):
-        done = ctx.Value("i", last)
+        # no lock: a child SIGKILLed while holding a Value's lock would leave the parent's read waiting forever
+        done = ctx.Value("i", last, lock=False)
         child = ctx.Process(target=_save_forever, args=(folder, last + 1, done))
         child.start()
         time.sleep(rng.uniform(0.0, 0.3))
