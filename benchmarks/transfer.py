@@ -11,8 +11,8 @@
    val_cosine, its fraction of the target's PCA ceiling and the cumulative seconds, and
    the epochs and seconds each arm needs to reach 0.5/0.7/0.8/0.9 x the ceiling.
 3. Trains the target with ``train.grow_schedule`` (small first, then the target size; once
-   per face map kept) for the same number of epochs, and compares quality at equal wall time with the fixed-size
-   scratch run.
+   per face map kept) for the same number of epochs, and compares quality at equal wall time
+   with the fixed-size scratch run.
 
 Every figure stands beside the PCA ceiling and the mean-vector floor of the same split.
 Times come from one process on a possibly shared machine; compare arms, not absolutes.

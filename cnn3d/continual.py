@@ -90,6 +90,7 @@ from .train import (
     epoch_texts,
     evaluate,
     prepare_data,
+    warmup_steps,
 )
 from .transfer import initial_student, precheck
 
@@ -386,7 +387,7 @@ def _new_loop(config: Config, model: LatticeStudent, data: TrainingData, plan: l
     main_index = [plan[:e].count("main") for e in range(len(plan))]
     total = sum(math.ceil(len(epoch_texts(data, config, p, main_index[e])) / per_step) for e, p in enumerate(plan))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return _Loop(config, model, build_optimizer(model, config), device, dtype, scaler, total, max(1, total // 20),
+    return _Loop(config, model, build_optimizer(model, config), device, dtype, scaler, total, warmup_steps(total),
                  0, 0.0)
 
 

@@ -38,7 +38,7 @@ from .errors import UserError
 from .losses import total_loss
 from .model import LatticeStudent, StudentOutput, build_model
 from .teacher import load_teacher
-from .train import lr_factor
+from .train import lr_factor, scale_lr, warmup_steps
 from .transform import EmbeddingTransformer
 
 logger = logging.getLogger(__name__)
@@ -227,9 +227,7 @@ class LrSchedule:
 
     def apply(self, optimizer: torch.optim.Optimizer) -> None:
         """Set every group's lr for the next step (its base lr times the factor), then advance."""
-        factor = lr_factor(self.step, self.total_steps, self.scheduler, max(1, self.total_steps // 20))
-        for group in optimizer.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        scale_lr(optimizer, lr_factor(self.step, self.total_steps, self.scheduler, warmup_steps(self.total_steps)))
         self.step += 1
 
 
@@ -448,7 +446,7 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     history, examples, params, optimizer = [], [], None, None
     total = config.train.main_epochs
     schedule = LrSchedule.for_run(config, len(multi.train_texts), total)
-    first_epoch = resume.epochs_done if resume else 0
+    first_epoch, schedule.step = (resume.epochs_done, resume.step) if resume else (0, 0)
     for epoch in range(total):
         if epoch < first_epoch:  # replay the data order of the epochs done, so a resumed run matches a straight one
             torch.randperm(len(multi.train_texts), generator=generator)
@@ -457,11 +455,8 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
         if optimizer is None or epoch == frozen_epochs:  # the frozen-cube stage, then everything
             params = student.trainable(new if frozen else ())
             optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
-            if resume is not None and epoch == first_epoch and epoch != frozen_epochs:  # same stage as saved
+            if resume is not None and first_epoch == epoch != frozen_epochs:  # the stage the checkpoint was saved in
                 load_optimizer(resume, optimizer, device)
-                schedule.step = resume.step
-            elif resume is not None and epoch == first_epoch:
-                schedule.step = resume.step
         epoch_start = time.perf_counter()
         loss = _epoch(student, multi, config, optimizer, params, generator, schedule)
         train_seconds = time.perf_counter() - epoch_start

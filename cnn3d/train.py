@@ -196,6 +196,17 @@ def lr_factor(step: int, total: int, schedule: str, warmup_steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_steps(total_steps: int) -> int:
+    """Steps of the linear lr warm-up: the first 5 % of a run."""
+    return max(1, total_steps // 20)
+
+
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's lr to its base lr (its lr when first scaled) times ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+
+
 def epoch_plan(config: Config) -> list[str]:
     t = config.train
     return ["warmup"] * t.warmup_epochs + ["main"] * t.main_epochs + ["fine_tune"] * t.fine_tune_epochs
@@ -374,7 +385,7 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
     total = sum(math.ceil(len(epoch_texts(data, config, p, main_index[e])) / per_step) for e, p in enumerate(plan))
     loop = _Loop(config, model, optimizer, device, dtype,
                  torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
-                 total, max(1, total // 20), step)
+                 total, warmup_steps(total), step)
     generator = torch.Generator().manual_seed(config.train.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -510,8 +521,7 @@ def _check_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor, label: str, c
 
 
 def _optimizer_step(optimizer, scaler, config: Config, factor: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+    scale_lr(optimizer, factor)
     if scaler:
         scaler.unscale_(optimizer)
     if config.train.grad_clip > 0:

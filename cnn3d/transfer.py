@@ -281,8 +281,8 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     ``fresh_complement``). ``face_map`` (``train.transfer_face``): ``stretch`` interpolates the face,
     ``embed`` places it unscaled in the middle of a larger face (and, at the same depth, the distant links of
     the block with it): the new cells keep the target's initialisation in every tensor that writes or
-    normalises the face, and the decoder reads them with zero weights at first. Raises ``TransferError`` (a ``UserError``) when the cell,
-    expert set or teacher dimension differ.
+    normalises the face, and the decoder reads them with zero weights at first. Raises ``TransferError``
+    (a ``UserError``) when the cell, expert set or teacher dimension differ.
     """
     if face_map not in FACE_MAPS:
         raise UserError(f"train.transfer_face {face_map!r}: expected one of {', '.join(FACE_MAPS)}")
