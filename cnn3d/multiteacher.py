@@ -34,11 +34,11 @@ from .checkpoint import load_optimizer, load_weights, read_checkpoint_meta, save
 from .config import PRIMARY_TEACHER, Config, TeacherConfig, from_dict, parse_extra_teachers, to_dict
 from .data import load_corpus
 from .decode import PhraseBank, build_bank
+from .device import autocast_dtype
 from .errors import UserError
-from .losses import total_loss
 from .model import LatticeStudent, StudentOutput, build_model
 from .teacher import load_teacher
-from .train import lr_factor, scale_lr, warmup_steps
+from .train import _Loop, _train_epoch, build_optimizer, student_loss, warmup_steps
 from .transform import EmbeddingTransformer
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,16 @@ class MultiTeacherStudent(nn.Module):
         state, gates, activity = self.core.run_lattice(face_in)
         face_out = self.core.face_io.readout(state[:, :, -1])
         return StudentOutput(maps.from_face(face_out), face_in, face_out, state, gates, activity)
+
+    @property
+    def steps(self) -> int:
+        return self.core.steps
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The cube's learning-rate groups (``LatticeStudent.parameter_groups``), every teacher's maps in ``transform``."""
+        groups = self.core.parameter_groups()
+        groups["transform"] = groups["transform"] + [p for head in self.heads.values() for p in head.parameters()]
+        return groups
 
     def trainable(self, only: Sequence[str] = ()) -> list[nn.Parameter]:
         """All parameters, or (``only``) those of the named teachers' maps, the rest frozen."""
@@ -187,8 +197,10 @@ def train_multi(config: Config, data: MultiData, *, student: MultiTeacherStudent
 
     ``train_only`` names teachers whose maps alone are trained (the cube and the other maps stay
     frozen): the first stage of adding a teacher. ``epochs`` defaults to ``train.main_epochs``.
+    The student trains where ``data`` lives, as ``cnn3d-train`` trains it (``multi_loop``).
     """
     started = time.perf_counter()
+    device = next(iter(data.teachers.values())).train.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         if student is None:
@@ -196,65 +208,37 @@ def train_multi(config: Config, data: MultiData, *, student: MultiTeacherStudent
         missing = [n for n in data.teachers if n not in student.teacher_dims]
         if missing:
             raise UserError(f"the student has no maps for teacher(s) {', '.join(missing)}; add_teacher first")
-        params = student.trainable(train_only)
-        optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        student.to(device)
+        epochs = epochs if epochs is not None else config.train.main_epochs
+        optimizer = build_optimizer(student, config, student.trainable(train_only))
+        loop = multi_loop(config, student, optimizer, data, device, epochs)
         generator = torch.Generator().manual_seed(config.train.seed)
         history = []
-        epochs = epochs if epochs is not None else config.train.main_epochs
-        schedule = LrSchedule.for_run(config, len(data.train_texts), epochs)
         for epoch in range(epochs):
-            loss = _epoch(student, data, config, optimizer, params, generator, schedule)
-            history.append({"epoch": epoch + 1, "train_loss": loss, **evaluate_multi(student, data)})
+            order = torch.randperm(len(data.train_texts), generator=generator)
+            stats = _train_epoch(loop, None, order, "main", f"epoch {epoch + 1}/{epochs}", False)
+            history.append({"epoch": epoch + 1, "train_loss": stats["train_loss"], **evaluate_multi(student, data)})
             logger.info("epoch %d: val_cosine_fraction %.4f", epoch + 1, history[-1]["val_cosine_fraction"])
         student.trainable(())  # leave every parameter trainable again
     return MultiResult(history[-1] if history else evaluate_multi(student, data), history, student,
                        time.perf_counter() - started)
 
 
-@dataclass
-class LrSchedule:
-    """``train.scheduler`` over the batches of a whole run, as the single-teacher trainer runs it (``lr_factor``:
-    linear warm-up over the first 5 % of steps, then the decay), across optimisers (the frozen-cube stage's, then
-    everything's)."""
+def multi_loop(config: Config, student: MultiTeacherStudent, optimizer: torch.optim.Optimizer, data: MultiData,
+               device: torch.device, epochs: int) -> _Loop:
+    """The single-teacher trainer's loop (``cnn3d.train._train_epoch``: autocast under ``train.precision``,
+    ``train.grad_accum_steps``, ``train.scheduler`` over the whole run, gradient clipping, host syncs only every
+    few batches, the run's own memory peak) with each batch's loss the mean of the teachers' losses."""
+    per_step = config.train.batch_size * config.train.grad_accum_steps
+    total = epochs * math.ceil(len(data.train_texts) / per_step)
+    dtype = autocast_dtype(config.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    teachers = list(data.teachers.items())
 
-    total_steps: int
-    scheduler: str
-    step: int = 0
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return sum(student_loss(student, td.train[idx], config, name) for name, td in teachers) / len(teachers)
 
-    @classmethod
-    def for_run(cls, config: Config, train_sentences: int, epochs: int) -> LrSchedule:
-        return cls(epochs * math.ceil(train_sentences / config.train.batch_size), config.train.scheduler)
-
-    def apply(self, optimizer: torch.optim.Optimizer) -> None:
-        """Set every group's lr for the next step (its base lr times the factor), then advance."""
-        scale_lr(optimizer, lr_factor(self.step, self.total_steps, self.scheduler, warmup_steps(self.total_steps)))
-        self.step += 1
-
-
-def _epoch(student, data: MultiData, config: Config, optimizer, params, generator, schedule: LrSchedule) -> float:
-    student.train()
-    order = torch.randperm(len(data.train_texts), generator=generator)
-    total, batches = 0.0, 0
-    for start in range(0, len(order), config.train.batch_size):
-        idx = order[start : start + config.train.batch_size]
-        loss = sum(_teacher_loss(student, name, td.train[idx], config) for name, td in data.teachers.items())
-        loss = loss / len(data.teachers)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()}; lower train.lr")
-        loss.backward()
-        if config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
-        schedule.apply(optimizer)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total += loss.item()
-        batches += 1
-    return total / max(batches, 1)
-
-
-def _teacher_loss(student, name: str, target: torch.Tensor, config: Config) -> torch.Tensor:
-    out = student(target, name)
-    return total_loss(config.loss, out.embedding, target, out.activity, out.gates)[0]
+    return _Loop(config, student, optimizer, device, dtype, scaler, total, warmup_steps(total), batch_loss=batch_loss)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -422,7 +406,7 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     lacks first train alone for ``train.new_teacher_epochs`` of the ``train.main_epochs`` (the frozen-cube stage).
     ``resume_from`` continues a run from its checkpoint (weights, optimiser, schedule step, data order).
     """
-    from .train import EpochReport, TrainResult, _open_resume, prepare_data
+    from .train import EpochReport, TrainResult, _memory_metric, _open_resume, prepare_data
     from .transfer import precheck
 
     started = time.perf_counter()
@@ -439,34 +423,37 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     student, meta, new = initial_multi(config, dims, teachers) if resume is None else _resumed(resume, config, dims)
     student.to(device)
     frozen_epochs = min(config.train.new_teacher_epochs, config.train.main_epochs) if new else 0
+    if frozen_epochs and config.train.freeze_transforms:
+        raise UserError(f"train.freeze_transforms=true freezes the maps of the new teacher(s) {', '.join(new)}, which "
+                        "the frozen-cube stage trains alone; set train.freeze_transforms=false or train.new_teacher_epochs=0")
     multi = MultiData(multi.train_texts, multi.val_texts,
                       {n: TeacherData(td.train.to(device), td.val.to(device), td.bank, td.baselines)
                        for n, td in multi.teachers.items()})
     generator = torch.Generator().manual_seed(config.train.seed)
-    history, examples, params, optimizer = [], [], None, None
+    history, examples, loop = [], [], None
     total = config.train.main_epochs
-    schedule = LrSchedule.for_run(config, len(multi.train_texts), total)
-    first_epoch, schedule.step = (resume.epochs_done, resume.step) if resume else (0, 0)
+    first_epoch = resume.epochs_done if resume else 0
     for epoch in range(total):
-        if epoch < first_epoch:  # replay the data order of the epochs done, so a resumed run matches a straight one
-            torch.randperm(len(multi.train_texts), generator=generator)
+        order = torch.randperm(len(multi.train_texts), generator=generator)  # replayed for skipped epochs on resume
+        if epoch < first_epoch:
             continue
         frozen = epoch < frozen_epochs
-        if optimizer is None or epoch == frozen_epochs:  # the frozen-cube stage, then everything
-            params = student.trainable(new if frozen else ())
-            optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        if loop is None or epoch == frozen_epochs:  # the frozen-cube stage, then everything
+            optimizer = build_optimizer(student, config, student.trainable(new if frozen else ()))
             if resume is not None and first_epoch == epoch != frozen_epochs:  # the stage the checkpoint was saved in
                 load_optimizer(resume, optimizer, device)
+            if loop is None:
+                loop = multi_loop(config, student, optimizer, multi, device, total)
+                loop.step = resume.step if resume else 0
+            loop.optimizer = optimizer
         epoch_start = time.perf_counter()
-        loss = _epoch(student, multi, config, optimizer, params, generator, schedule)
-        train_seconds = time.perf_counter() - epoch_start
-        metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                   "train_sentences": float(len(multi.train_texts)),
-                   "throughput_samples_per_s": len(multi.train_texts) / max(train_seconds, 1e-9),
+        phase = "new_teacher" if frozen else "main"
+        metrics = {"epoch": epoch + 1, **_train_epoch(loop, None, order, phase, f"epoch {epoch + 1}/{total}", show),
                    **data.cache_metrics, **_main_metrics(student, data, config, device),
                    **evaluate_multi(student, multi)}
         examples = metrics.pop("_examples")
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+        metrics["peak_memory_mb"] = _memory_metric(device, loop.cpu_peak)
         history.append(metrics)
         logger.info("epoch %d/%d%s: val_cosine_fraction %.4f (%s)", epoch + 1, total, " (new maps only)" if frozen
                     else "", metrics["val_cosine_fraction"],
@@ -474,8 +461,8 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
                               for n in multi.teachers))
         if out_dir is not None:
             save_multi(out_dir, student, teachers, metrics,
-                       {"epochs_done": epoch + 1, "step": schedule.step, "new_teachers": new, **meta}, optimizer)
-        report = EpochReport(epoch + 1, total, "new_teacher" if frozen else "main", metrics, examples)
+                       {"epochs_done": epoch + 1, "step": loop.step, "new_teachers": new, **meta}, optimizer)
+        report = EpochReport(epoch + 1, total, phase, metrics, examples)
         for callback in callbacks:
             callback(report)
     student.trainable(())

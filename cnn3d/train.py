@@ -164,8 +164,13 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
 # --------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(model: LatticeStudent, config: Config) -> torch.optim.AdamW:
-    """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``."""
+def build_optimizer(model: torch.nn.Module, config: Config,
+                    trainable: Sequence[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
+    """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``.
+
+    ``model`` has ``parameter_groups()`` (a ``LatticeStudent`` or a ``MultiTeacherStudent``);
+    ``trainable``, when given, keeps only those parameters (a frozen-cube stage).
+    """
     t = config.train
     mult = {
         "transform": t.lr_mult_transform,
@@ -175,12 +180,16 @@ def build_optimizer(model: LatticeStudent, config: Config) -> torch.optim.AdamW:
         "distant": t.lr_mult_distant,
     }
     groups = []
+    keep = None if trainable is None else {id(p) for p in trainable}
     for name, params in model.parameter_groups().items():
         if name == "transform" and t.freeze_transforms:
             for p in params:
                 p.requires_grad_(False)
             continue
-        groups.append({"params": params, "lr": t.lr * mult[expert_kind(name)], "name": name})
+        if keep is not None:
+            params = [p for p in params if id(p) in keep]
+        if params:
+            groups.append({"params": params, "lr": t.lr * mult[expert_kind(name)], "name": name})
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -367,6 +376,8 @@ class _Loop:
     step: int = 0
     cpu_peak: float = 0.0
     extra_loss: Callable[[LatticeStudent], torch.Tensor] | None = None  # added to every batch's loss (continual EWC)
+    # the loss of one micro-batch from its row indices, replacing the student on ``source[idx]`` (several teachers)
+    batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:
@@ -471,10 +482,8 @@ def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: 
     activations = SavedActivations(state_bytes(model, loop.optimizer)) if loop.device.type == "cpu" else None
     bar = tqdm(total=len(order), desc=f"{label} {phase}", disable=not show, leave=False)
     for i, idx in enumerate(micro):
-        target = source[idx].to(loop.device, non_blocking=True)
         with autocast(loop.device, loop.dtype), (activations.watch() if i == 0 and activations else nullcontext()):
-            out = model(target)
-            loss, _ = total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())
+            loss = loop.batch_loss(idx) if loop.batch_loss is not None else student_loss(model, source[idx].to(loop.device, non_blocking=True), config)
         if loop.extra_loss is not None:  # e.g. the continual EWC penalty
             loss = loss + loop.extra_loss(model)
         detached = loss.detach()
@@ -508,6 +517,12 @@ def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: 
         "throughput_samples_per_s": rate,
         "cell_steps_per_s": rate * cells,
     }
+
+
+def student_loss(model: torch.nn.Module, target: torch.Tensor, config: Config, teacher: str | None = None) -> torch.Tensor:
+    """The training loss of ``model`` on one batch of teacher embeddings ``target [B, T]`` (on its device)."""
+    out = model(target) if teacher is None else model(target, teacher)
+    return total_loss(config.loss, out.embedding.float(), target, out.activity.float(), out.gates.float())[0]
 
 
 def _check_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor, label: str, config: Config) -> None:

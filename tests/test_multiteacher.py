@@ -7,7 +7,7 @@ import torch
 from cnn3d import preset, with_overrides
 from cnn3d.config import TeacherConfig
 from cnn3d.errors import UserError
-from cnn3d.multiteacher import load_multi, prepare_multi, train_multi
+from cnn3d.multiteacher import MultiTeacherStudent, load_multi, multi_loop, prepare_multi, train_multi
 
 SMALL = {"lattice.size": 4, "lattice.steps": 4, "lattice.state_size": 8, "data.max_sentences": 64,
          "train.batch_size": 16, "train.main_epochs": 2, "train.lr": 1e-2}
@@ -55,6 +55,35 @@ def test_python_api_adds_a_teacher_training_only_its_maps_first_then_everything(
         student.add_teacher("cls", 384)
 
 
+def _one_epoch(setup, **changes):
+    config, _, data = setup
+    return train_multi(with_overrides(config, changes), data, epochs=1)
+
+
+def test_several_teachers_train_under_train_precision(setup):
+    """``train.precision=bf16`` reaches the several-teacher loop (it trained in fp32 whatever it was set to)."""
+    fp32, bf16 = _one_epoch(setup), _one_epoch(setup, **{"train.precision": "bf16"})
+    assert torch.isfinite(torch.tensor(bf16.metrics["train_loss"]))
+    assert bf16.metrics["train_loss"] != fp32.metrics["train_loss"]
+    assert abs(bf16.metrics["val_cosine_fraction"] - fp32.metrics["val_cosine_fraction"]) < 0.1
+
+
+def test_several_teachers_follow_the_optimiser_groups_and_gradient_accumulation(setup):
+    """The optimiser's groups (``train.lr_mult_<group>``, ``train.freeze_transforms``: every teacher's maps) and
+    ``train.grad_accum_steps`` act as in the single-teacher trainer; they were ignored with several teachers."""
+    config, _, data = setup
+    config = with_overrides(config, {"train.freeze_transforms": True})
+    before = MultiTeacherStudent(config, {n: td.train.shape[1] for n, td in data.teachers.items()})
+    start = {k: v.clone() for k, v in before.state_dict().items()}
+    after = train_multi(config, data, student=before, epochs=1).student.state_dict()
+    maps = [k for k in after if k.startswith(("heads.", "core.transform."))]
+    assert maps and all(torch.equal(after[k], start[k]) for k in maps)
+    assert not torch.equal(after["core.processor.gate.weight"], start["core.processor.gate.weight"])
+    rows, batch = len(data.train_texts), config.train.batch_size
+    loop = multi_loop(with_overrides(config, {"train.grad_accum_steps": 2}), before, None, data, torch.device("cpu"), 3)
+    assert loop.total_steps == 3 * -(-rows // (2 * batch)) < 3 * -(-rows // batch)
+
+
 # --------------------------------------------------------------------------- from the command line: teacher.extra
 
 CLI_SETS = ["lattice.size=4", "lattice.steps=4", "lattice.state_size=8", "data.max_sentences=64", "train.batch_size=16",
@@ -97,6 +126,7 @@ def test_cli_trains_one_cube_with_two_teachers_and_decodes_with_each(cli_run):
     assert m["val_cosine"] == m["val_cosine/main"] and m["config"]["teacher.extra"] == ["cls:cls"]
     assert "teacher cls: val_cosine" in run.stdout
     assert m["lr"] < 0.2 * 1e-2  # train.scheduler (cosine) ran: the last step's lr is near 10 % of train.lr=1e-2
+    assert m["peak_memory_mb"] > 0 and m["throughput_samples_per_s"] > 0  # the run's own peak, as one teacher logs
     student, teachers = load_multi(tmp / "ckpt")  # one cube: the lattice's parameters once, maps per teacher
     names = [n for n, _ in student.named_parameters()]
     assert sum(n.startswith("core.processor.") for n in names) == len(list(student.core.processor.parameters()))
@@ -150,6 +180,13 @@ def test_init_from_adds_a_768d_teacher_frozen_cube_first_then_everything(cli_run
     assert any(e.startswith("core.processor.gate.weight") for e in table["copied"])
     assert {"val_cosine/distil", "baseline_pca_cosine/distil"} <= set(result.metrics)
     assert result.metrics["baseline_pca_cosine/distil"] > result.metrics["baseline_mean_cosine/distil"]
+    from cnn3d.cli import train_cli  # frozen maps in a stage that trains only maps: one line, exit 2, nothing written
+
+    frozen = _invoke(train_cli, *sets, f"--set=train.init_from={tmp / 'ckpt'}", "--set=teacher.extra=cls:cls,"
+                     f"distil:mean:{distilbert}", "--set=train.freeze_transforms=true", "--out", tmp_path / "frozen")
+    errors = [line for line in frozen.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert frozen.exit_code == 2 and len(errors) == 1 and "train.freeze_transforms" in errors[0], frozen.stderr
+    assert not (tmp_path / "frozen").exists()
     loaded, _ = load_multi(tmp_path / "grown")  # the saved student gives identical outputs for every teacher
     result.model.eval()
     for name, dim in result.model.teacher_dims.items():
