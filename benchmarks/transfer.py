@@ -6,7 +6,8 @@
 2. Trains the target (``wide`` preset, 16x16 face, depth 8) from scratch and from the
    source (``train.init_from``), once per face map (``train.transfer_face``: ``embed``, the
    default, and ``stretch``; ``--skip-embed``/``--skip-stretch`` leave one out), same data,
-   seed and schedule. Prints val_cosine right
+   seed and schedule; the trained cube (gate, experts) at ``train.transfer_lr_mult`` of the maps'
+   lr (``--cube-lr 1`` adds an arm without that). Prints val_cosine right
    after the transfer (before any training) beside an untrained target, then per epoch
    val_cosine, its fraction of the target's PCA ceiling and the cumulative seconds, and
    the epochs and seconds each arm needs to reach 0.5/0.7/0.8/0.9 x the ceiling.
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--skip-stretch", action="store_true",
                         help="leave out the arm transferred with train.transfer_face=stretch")
     parser.add_argument("--embed", action="store_true", help=argparse.SUPPRESS)  # older spelling: embed always runs now
+    parser.add_argument("--cube-lr", type=float, nargs="*", default=[],
+                        help="add an embed arm per value of train.transfer_lr_mult (the default arm uses the config's)")
     parser.add_argument("--grow-only", action="store_true",
                         help="only scratch and the growing runs (one per face map kept): no transfer arms")
     parser.add_argument("--threads", type=int, default=1)
@@ -100,6 +103,8 @@ def main() -> None:
         untrained = evaluate(build_model(target_cfg, data.teacher_dim), data, target_cfg, device, None)["metrics"]
         faces = [f for f, skip in (("embed", args.skip_embed), ("stretch", args.skip_stretch)) if not skip]
         variants = {f"transfer {face}": {"train.transfer_face": face} for face in faces}
+        for mult in args.cube_lr:
+            variants[f"transfer embed cube lr x{mult:g}"] = {"train.transfer_face": "embed", "train.transfer_lr_mult": mult}
         if args.fresh:
             variants["transfer stretch+fresh"] = {"train.transfer_face": "stretch", "train.init_fresh_directions": True}
         variant_cfgs = {} if args.grow_only else {n: with_overrides(transfer_cfg, c) for n, c in variants.items()}

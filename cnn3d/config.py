@@ -226,6 +226,10 @@ class TrainConfig:
         "new face (docs/transfer.md).",
         choices=("stretch", "embed"), tune=False,
     )
+    transfer_lr_mult: float = param(
+        0.3, "With train.init_from: learning-rate multiplier of the cube (gate and experts), which starts trained; the "
+        "face maps, partly new, keep their own lr (docs/transfer.md).", low=0.01, high=1.0, log=True,
+    )
     new_teacher_epochs: int = param(
         1, "With train.init_from and teacher.extra naming teachers the checkpoint lacks: the first N main epochs train "
         "only their new maps (cube and other maps frozen), the rest train everything.", low=0, high=1000, tune=False,

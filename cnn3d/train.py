@@ -47,7 +47,7 @@ from .memory import SavedActivations, run_peak_mb, state_bytes
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
-from .transfer import carry_optimizer_state, grow, initial_student, log_table, precheck, stage_config
+from .transfer import carry_optimizer_state, grow, init_source, initial_student, log_table, precheck, stage_config
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
 
 def build_optimizer(model: torch.nn.Module, config: Config,
                     trainable: Sequence[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
-    """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``.
+    """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``
+    (times ``train.transfer_lr_mult`` for the gate and experts of a run with ``train.init_from``).
 
     ``model`` has ``parameter_groups()`` (a ``LatticeStudent`` or a ``MultiTeacherStudent``);
     ``trainable``, when given, keeps only those parameters (a frozen-cube stage).
@@ -179,6 +180,8 @@ def build_optimizer(model: torch.nn.Module, config: Config,
         "functional": t.lr_mult_functional,
         "distant": t.lr_mult_distant,
     }
+    # a cube that starts trained (train.init_from) moves slower than its partly new face maps
+    cube = t.transfer_lr_mult if init_source(config) else 1.0
     groups = []
     keep = None if trainable is None else {id(p) for p in trainable}
     for name, params in model.parameter_groups().items():
@@ -189,7 +192,8 @@ def build_optimizer(model: torch.nn.Module, config: Config,
         if keep is not None:
             params = [p for p in params if id(p) in keep]
         if params:
-            groups.append({"params": params, "lr": t.lr * mult[expert_kind(name)], "name": name})
+            lr = t.lr * mult[expert_kind(name)] * (1.0 if name == "transform" else cube)
+            groups.append({"params": params, "lr": lr, "name": name})
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 

@@ -258,3 +258,15 @@ def test_embed_is_a_config_key_that_growing_uses(tmp_path):
     assert grown and all(e.endswith("embedded, new cells fresh") for e in grown if e.startswith("transform.encode"))
     with pytest.raises(ConfigError, match="transfer_face"):
         with_overrides(preset("test"), {"train.transfer_face": "tile"})
+
+
+@pytest.mark.parametrize("init_from, cube", [("", 1.0), ("none", 1.0), ("runs/small", 0.3)])
+def test_a_transferred_cube_trains_at_transfer_lr_mult_of_its_face_maps(init_from, cube):
+    """With train.init_from the gate and experts (trained) move at ``train.transfer_lr_mult`` of the maps' lr."""
+    from cnn3d.train import build_optimizer
+
+    config = with_overrides(preset("test"), {"train.init_from": init_from, "train.lr": 1e-2,
+                                             "train.lr_mult_local": 2.0, "train.transfer_lr_mult": 0.3})
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(build_model(config, 16), config).param_groups}
+    assert lrs["transform"] == pytest.approx(1e-2)
+    assert lrs["gating"] == pytest.approx(1e-2 * cube) and lrs["local"] == pytest.approx(2e-2 * cube)
