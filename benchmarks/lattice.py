@@ -10,7 +10,7 @@ figure is a lower bound on work done), the achieved GFLOP/s, and its ratio to a
 dense square matmul timed in the same run. Step formulations (``reference`` = the
 straightforward step, ``fused`` = ``cnn3d.fused``, ``fused-prev`` = the same with the local
 and distant experts' previous kernels (aten convolution, gathered-partner matmul), ``compiled`` = the fused step through
-``torch.compile``/CUDA graphs) run on the same model, alternately with the matmul in each
+``torch.compile``/CUDA graphs, ``fused-bf16`` = the fused step under bf16 autocast) run on the same model, alternately with the matmul in each
 round: machines are shared and noisy, every figure is the best of several rounds, and
 ratios are what to compare.
 """
@@ -87,6 +87,11 @@ def lattice_steps(size: int, batch: int, steps: int, device: torch.device, overr
     def variant(name):
         def run():
             model.fused = name != "reference"
+            if name == "fused-bf16":  # the fused step under bf16 autocast (train.precision=bf16)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    model.processor.step_rows = eager_step
+                    train_step()
+                return
             if name == "fused-prev":  # the same fused step with the local and distant kernels it had before
                 saved = fused_module._stencil_rows, fused_module._distant
                 fused_module._stencil_rows, fused_module._distant = _previous_local, _previous_distant
@@ -155,7 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=2048)
-    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused-prev", "fused", "compiled"],
+    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused-prev", "fused", "fused-bf16", "compiled"],
                         help="step formulations, timed alternately (default: reference fused, + compiled on CUDA)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process = CPU time of this process: on a loaded machine use it with --threads 1")

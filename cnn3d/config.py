@@ -228,7 +228,7 @@ class TrainConfig:
     )
     transfer_lr_mult: float = param(
         0.3, "With train.init_from: learning-rate multiplier of the cube (gate and experts), which starts trained; the "
-        "face maps, partly new, keep their own lr (docs/transfer.md).", low=0.01, high=1.0, log=True,
+        "face maps, partly new, keep their own lr (docs/transfer.md).", low=0.01, high=1.0, log=True, tune=False,
     )
     new_teacher_epochs: int = param(
         1, "With train.init_from and teacher.extra naming teachers the checkpoint lacks: the first N main epochs train "
