@@ -423,9 +423,6 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     student, meta, new = initial_multi(config, dims, teachers) if resume is None else _resumed(resume, config, dims)
     student.to(device)
     frozen_epochs = min(config.train.new_teacher_epochs, config.train.main_epochs) if new else 0
-    if frozen_epochs and config.train.freeze_transforms:
-        raise UserError(f"train.freeze_transforms=true freezes the maps of the new teacher(s) {', '.join(new)}, which "
-                        "the frozen-cube stage trains alone; set train.freeze_transforms=false or train.new_teacher_epochs=0")
     multi = MultiData(multi.train_texts, multi.val_texts,
                       {n: TeacherData(td.train.to(device), td.val.to(device), td.bank, td.baselines)
                        for n, td in multi.teachers.items()})

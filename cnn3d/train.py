@@ -41,6 +41,7 @@ from .config import Config, flatten
 from .data import curriculum_fraction, curriculum_indices, load_corpus
 from .decode import PhraseBank, bank_texts, build_bank
 from .device import autocast, autocast_dtype, resolve_device
+from .errors import UserError
 from .experts import expert_kind
 from .losses import total_loss
 from .memory import SavedActivations, run_peak_mb, state_bytes
@@ -194,6 +195,10 @@ def build_optimizer(model: torch.nn.Module, config: Config,
         if params:
             lr = t.lr * mult[expert_kind(name)] * (1.0 if name == "transform" else cube)
             groups.append({"params": params, "lr": lr, "name": name})
+    if not groups:  # e.g. a stage that trains only face maps, with every map frozen
+        raise UserError("nothing left to train: train.freeze_transforms=true freezes the face maps, the only "
+                        "parameters this stage trains; set train.freeze_transforms=false, or (several teachers) "
+                        "train.new_teacher_epochs=0")
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -487,7 +492,10 @@ def _train_epoch(loop: _Loop, source: torch.Tensor, order: torch.Tensor, phase: 
     bar = tqdm(total=len(order), desc=f"{label} {phase}", disable=not show, leave=False)
     for i, idx in enumerate(micro):
         with autocast(loop.device, loop.dtype), (activations.watch() if i == 0 and activations else nullcontext()):
-            loss = loop.batch_loss(idx) if loop.batch_loss is not None else student_loss(model, source[idx].to(loop.device, non_blocking=True), config)
+            if loop.batch_loss is not None:
+                loss = loop.batch_loss(idx)
+            else:
+                loss = student_loss(model, source[idx].to(loop.device, non_blocking=True), config)
         if loop.extra_loss is not None:  # e.g. the continual EWC penalty
             loss = loss + loop.extra_loss(model)
         detached = loss.detach()

@@ -79,6 +79,8 @@ def test_several_teachers_follow_the_optimiser_groups_and_gradient_accumulation(
     maps = [k for k in after if k.startswith(("heads.", "core.transform."))]
     assert maps and all(torch.equal(after[k], start[k]) for k in maps)
     assert not torch.equal(after["core.processor.gate.weight"], start["core.processor.gate.weight"])
+    with pytest.raises(UserError, match="nothing left to train: train.freeze_transforms"):  # only maps, all frozen
+        train_multi(config, data, student=before, train_only=("cls",), epochs=1)
     rows, batch = len(data.train_texts), config.train.batch_size
     loop = multi_loop(with_overrides(config, {"train.grad_accum_steps": 2}), before, None, data, torch.device("cpu"), 3)
     assert loop.total_steps == 3 * -(-rows // (2 * batch)) < 3 * -(-rows // batch)
