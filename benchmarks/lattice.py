@@ -8,7 +8,8 @@ AdamW update) with the default MoE, the FLOPs torch's FlopCounterMode counts for
 (convolutions and matmuls only; elementwise work is not counted, so the GFLOP/s
 figure is a lower bound on work done), the achieved GFLOP/s, and its ratio to a
 dense square matmul timed in the same run. Step formulations (``reference`` = the
-straightforward step, ``fused`` = ``cnn3d.fused``, ``fused-prev`` = the same with the local
+straightforward step, ``fused`` = ``cnn3d.fused`` (with ``cnn3d/native.c``'s kernels where they
+build), ``fused-torch`` = the same step in torch ops alone, ``fused-prev`` = the same with the local
 and distant experts' previous kernels (aten convolution, gathered-partner matmul), ``compiled`` = the fused step through
 ``torch.compile``/CUDA graphs, ``fused-bf16`` = the fused step under bf16 autocast) run on the same model, alternately with the matmul in each
 round: machines are shared and noisy, every figure is the best of several rounds, and
@@ -87,6 +88,7 @@ def lattice_steps(size: int, batch: int, steps: int, device: torch.device, overr
     def variant(name):
         def run():
             model.fused = name != "reference"
+            model.processor.native = name != "fused-torch"  # fused-torch: the fused step in torch ops alone
             if name == "fused-bf16":  # the fused step under bf16 autocast (train.precision=bf16)
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     model.processor.step_rows = eager_step
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=2048)
-    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused-prev", "fused", "fused-bf16", "compiled"],
+    parser.add_argument("--variants", nargs="+", default=None, choices=["reference", "fused-prev", "fused-torch", "fused", "fused-bf16", "compiled"],
                         help="step formulations, timed alternately (default: reference fused, + compiled on CUDA)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process = CPU time of this process: on a loaded machine use it with --threads 1")

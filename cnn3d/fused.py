@@ -33,6 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .experts import expert_kind
 from .lattice import Offset
 
@@ -93,6 +94,33 @@ class RowsNeighbourMix(torch.autograd.Function):
             for k, offset in enumerate(offsets):
                 shifted(grad_padded, offset, r, dims).addcmul_(grad_out, weights[k].unsqueeze(-1))
         return grad_padded, grad_weights, None, None
+
+
+class NativeNeighbourMix(torch.autograd.Function):
+    """``RowsNeighbourMix`` on the unpadded state through ``cnn3d/native.c`` (float32, CPU).
+
+    ``value [B, D, H, W, C]``, ``weights [K, B, D, H, W]`` -> ``[B, D, H, W, C]``; ``tables`` =
+    ``native.neighbour_tables`` of the lattice and offsets. One pass each way and no padded copy
+    of the state or of its gradient: past a zero border the table says "none", and the backward
+    gathers each cell's gradient from the cells that read it.
+    """
+
+    @staticmethod
+    def forward(ctx, value, weights, tables):
+        b, d, h, w, c = value.shape
+        value, weights = value.contiguous(), weights.contiguous()
+        ctx.save_for_backward(value, weights)
+        ctx.tables = tables
+        return native.mix_forward(value.view(b, -1, c), weights, tables[0]).view(b, d, h, w, c)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        value, weights = ctx.saved_tensors
+        b, d, h, w, c = value.shape
+        grad_value, grad_weights = native.mix_backward(
+            value.view(b, -1, c), weights, grad_out.contiguous().view(b, -1, c), *ctx.tables,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return None if grad_value is None else grad_value.view(b, d, h, w, c), grad_weights, None
 
 
 class ShiftStack(torch.autograd.Function):
@@ -211,6 +239,41 @@ class SparseLinkMix(torch.autograd.Function):
         return grad_flat, grad_weights, None
 
 
+class NativeLinkMix(torch.autograd.Function):
+    """``SparseLinkMix`` through ``cnn3d/native.c`` (float32, CPU): ``flat [B, N, C]``, ``weights [L]``, ``links [N, L]``.
+
+    A gather in one pass, no transposed copies; the backward scatters into each sample's own
+    gradient (one thread per sample range) and sums the link weights' gradient per thread.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, weights, links):
+        flat, weights = flat.contiguous(), weights.contiguous()
+        ctx.save_for_backward(flat, weights, links)
+        return native.link_forward(flat, weights, links)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, weights, links = ctx.saved_tensors
+        grad_flat, grad_weights = native.link_backward(flat, weights, links, grad_out.contiguous(),
+                                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_flat, grad_weights, None
+
+
+def _checked_links(expert, cells: int) -> torch.Tensor:
+    """The distant links as contiguous int64, checked in range once per links tensor (C reads them unchecked)."""
+    links = expert.links
+    key = (links.data_ptr(), links._version, tuple(links.shape), cells)
+    cached = getattr(expert, "_checked_links", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if links.numel() and (int(links.min()) < 0 or int(links.max()) >= cells):
+        raise ValueError(f"distant links point outside the lattice's {cells} cells")
+    checked = links.to(torch.int64).contiguous()
+    expert._checked_links = (key, checked)
+    return checked
+
+
 def _csr(crow, col, values, n: int) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
         warnings.simplefilter("ignore", UserWarning)
@@ -269,7 +332,7 @@ def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int, dim:
     return weights
 
 
-def _functional(expert, rows, gate_score, value) -> torch.Tensor:
+def _functional(expert, rows, gate_score, value, use_native: bool = False) -> torch.Tensor:
     """The functional expert on rows: ``gate_score [B, D, H, W, C+2]``, ``value [B, D, H, W, C]``."""
     c = value.shape[-1]
     dims = tuple(rows.shape[1:4])
@@ -287,11 +350,22 @@ def _functional(expert, rows, gate_score, value) -> torch.Tensor:
     # [K, 1, D, H, W], -inf outside the lattice; offset-first, so the softmax runs over a leading axis
     bias = expert.offset_bias.view(-1, 1, 1, 1, 1) + _mask_bias(expert, dims, rows)
     attn = (F.leaky_relu(dst + src_k, 0.2) + bias).softmax(dim=0).to(value.dtype)  # [K, B, D, H, W]
-    if value_k is None:
+    if use_native and value_k is None and native.usable(value, attn):
+        message = NativeNeighbourMix.apply(value, attn, _neighbour_tables(expert, dims))
+    elif value_k is None:
         message = RowsNeighbourMix.apply(pad_rows(value, r, expert.boundary), attn, offsets, r)
     else:
         message = sum(v * attn[k].unsqueeze(-1) for k, v in enumerate(value_k))
     return torch.sigmoid(gate) * message
+
+
+def _neighbour_tables(expert, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """``native.neighbour_tables`` of the functional expert at ``dims``, built once per expert and size."""
+    cached = getattr(expert, "_native_tables", None)
+    if cached is None or cached[0] != dims:
+        cached = (dims, native.neighbour_tables(dims, expert.offsets, expert.boundary == "periodic"))
+        expert._native_tables = cached
+    return cached[1]
 
 
 def _mask_bias(expert, dims, like: torch.Tensor) -> torch.Tensor:
@@ -303,11 +377,14 @@ def _mask_bias(expert, dims, like: torch.Tensor) -> torch.Tensor:
     return cached
 
 
-def _distant(expert, value) -> torch.Tensor:
+def _distant(expert, value, use_native: bool = False) -> torch.Tensor:
     """The distant expert on rows: the partners' projected states mixed by the link weights."""
     b, d, h, w, c = value.shape
     flat = value.reshape(b, d * h * w, c)
     # a sparse matmul: no [B, N, links, C] partner copy (CPU sparse kernels exist for float32/64 only)
+    if use_native and native.usable(value):  # one gather pass (cnn3d/native.c)
+        weights = expert.link_weight.softmax(0).to(value.dtype)
+        return NativeLinkMix.apply(flat, weights, _checked_links(expert, d * h * w)).view(b, d, h, w, c)
     if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
         weights = expert.link_weight.softmax(0).to(value.dtype)
         return SparseLinkMix.apply(flat, weights, _link_csr(expert, value.device)).view(b, d, h, w, c)
@@ -331,9 +408,9 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
             out = _stencil_rows(expert, rows)
         elif name == "functional":
             out = _functional(expert, rows, columns["functional_gate_score"],
-                              columns["functional_value"])
+                              columns["functional_value"], processor.native)
         else:
-            out = _distant(expert, columns["distant_value"])
+            out = _distant(expert, columns["distant_value"], processor.native)
         g = gates[i].unsqueeze(-1).to(out.dtype)
         message = out * g if message is None else torch.addcmul(message, out, g)
     new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)

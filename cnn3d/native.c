@@ -1,0 +1,191 @@
+/* Hand-written CPU kernels for the two gather/scatter mixes of the fused lattice step.
+ *
+ * Built on first use by cnn3d/native.py with the system C compiler and loaded through ctypes;
+ * without a compiler the step runs the same maths as torch ops (cnn3d/fused.py). Each
+ * kernel is one pass over the state where the torch formulation makes one per neighbour
+ * (plus a zero-filled gradient and a copy per strided view).
+ *
+ * All tensors are float32 and contiguous. Work is split over the batch (each sample's
+ * gradient buffer belongs to one thread, so scatters need no atomics); the caller passes
+ * the thread count (torch's own intra-op setting).
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+/* dot += sum_j x[j] * y[j]: a simd reduction (C alone may not reorder the float sum, so it would not vectorise) */
+#define DOT(dot, x, y, n) \
+    _Pragma("omp simd reduction(+ : dot)") for (int64_t j_ = 0; j_ < (n); j_++) dot += (x)[j_] * (y)[j_]
+
+typedef void (*batch_fn)(const void *args, int64_t b0, int64_t b1, int thread);
+
+/* Run fn over [0, batch) in contiguous chunks, one per OpenMP thread. The library links the
+ * process's libgomp (torch's own), so these are torch's intra-op threads, at torch's count:
+ * a second pool would fight torch's spinning workers for the cores. Returns the chunks used. */
+static int parallel_over_batch(batch_fn fn, const void *args, int64_t batch, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > batch) threads = (int)batch;
+    if (threads <= 1) {
+        fn(args, 0, batch, 0);
+        return 1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), used = omp_get_num_threads();
+        fn(args, batch * t / used, batch * (t + 1) / used, t);
+    }
+    return threads;
+}
+
+/* ------------------------------------------------------------------ neighbour mix
+ * out[b, p, :] = sum_k weights[k, b, p] * value[b, read[p, k], :]
+ * value [B, N, C] (N cells), weights [K, B, N], out [B, N, C]; read [N, K] is the cell that p
+ * reads through offset k, or -1 past a zero border. readers [N, K] is its inverse: the cell
+ * that reads q through offset k, or -1. With it the backward gathers each cell's gradient
+ * from its readers, writing every gradient once (no zero fill, no scatter between threads).
+ */
+typedef struct {
+    const float *value, *weights, *grad_out;
+    float *out, *grad_value, *grad_weights;
+    const int32_t *read, *readers;
+    int64_t k, batch, n, c;
+} mix_args;
+
+static void mix_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const mix_args *a = (const mix_args *)p;
+    (void)thread;
+    const int64_t n = a->n, c = a->c, kk = a->k;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *base = a->value + b * n * c;
+        for (int64_t i = 0; i < n; i++) {
+            float *restrict out = a->out + (b * n + i) * c;
+            for (int64_t j = 0; j < c; j++) out[j] = 0.0f;
+            for (int64_t k = 0; k < kk; k++) {
+                const int32_t q = a->read[i * kk + k];
+                if (q < 0) continue;
+                const float wk = a->weights[(k * a->batch + b) * n + i];
+                const float *restrict src = base + (int64_t)q * c;
+                for (int64_t j = 0; j < c; j++) out[j] += wk * src[j];
+            }
+        }
+    }
+}
+
+static void mix_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const mix_args *a = (const mix_args *)p;
+    (void)thread;
+    const int64_t n = a->n, c = a->c, kk = a->k;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *base = a->value + b * n * c, *grad_base = a->grad_out + b * n * c;
+        for (int64_t i = 0; i < n; i++) {
+            const float *restrict g = grad_base + i * c;
+            if (a->grad_weights) /* d out[p] / d weights[k, p] = value[read[p, k]] */
+                for (int64_t k = 0; k < kk; k++) {
+                    const int32_t q = a->read[i * kk + k];
+                    float dot = 0.0f;
+                    if (q >= 0) {
+                        const float *restrict src = base + (int64_t)q * c;
+                        DOT(dot, src, g, c);
+                    }
+                    a->grad_weights[(k * a->batch + b) * n + i] = dot;
+                }
+            if (a->grad_value) {
+                float *restrict dst = a->grad_value + (b * n + i) * c;
+                for (int64_t j = 0; j < c; j++) dst[j] = 0.0f;
+                for (int64_t k = 0; k < kk; k++) {
+                    const int32_t r = a->readers[i * kk + k];
+                    if (r < 0) continue;
+                    const float wk = a->weights[(k * a->batch + b) * n + r];
+                    const float *restrict gr = grad_base + (int64_t)r * c;
+                    for (int64_t j = 0; j < c; j++) dst[j] += wk * gr[j];
+                }
+            }
+        }
+    }
+}
+
+int cnn3d_mix_forward(const float *value, const float *weights, float *out, const int32_t *read, int64_t k,
+                      int64_t batch, int64_t n, int64_t c, int threads) {
+    mix_args a = {value, weights, NULL, out, NULL, NULL, read, NULL, k, batch, n, c};
+    return parallel_over_batch(mix_forward_chunk, &a, batch, threads);
+}
+
+/* grad_value or grad_weights may be NULL (not wanted); each is fully written. */
+int cnn3d_mix_backward(const float *value, const float *weights, const float *grad_out, float *grad_value,
+                       float *grad_weights, const int32_t *read, const int32_t *readers, int64_t k, int64_t batch,
+                       int64_t n, int64_t c, int threads) {
+    mix_args a = {value, weights, grad_out, NULL, grad_value, grad_weights, read, readers, k, batch, n, c};
+    return parallel_over_batch(mix_backward_chunk, &a, batch, threads);
+}
+
+/* ------------------------------------------------------------------ link mix
+ * out[b, n, :] = sum_l weights[l] * flat[b, links[n, l], :]
+ * flat [B, N, C], links [N, L] (int64), weights [L], out [B, N, C].
+ */
+typedef struct {
+    const float *flat, *weights, *grad_out;
+    float *out, *grad_flat;
+    double *grad_weights_partial; /* [threads, L] */
+    const int64_t *links;
+    int64_t batch, n, l, c;
+} link_args;
+
+static void link_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const link_args *a = (const link_args *)p;
+    (void)thread;
+    const int64_t n = a->n, l = a->l, c = a->c;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *base = a->flat + b * n * c;
+        for (int64_t i = 0; i < n; i++) {
+            float *restrict out = a->out + (b * n + i) * c;
+            for (int64_t j = 0; j < c; j++) out[j] = 0.0f;
+            for (int64_t s = 0; s < l; s++) {
+                const float ws = a->weights[s];
+                const float *restrict src = base + a->links[i * l + s] * c;
+                for (int64_t j = 0; j < c; j++) out[j] += ws * src[j];
+            }
+        }
+    }
+}
+
+static void link_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const link_args *a = (const link_args *)p;
+    const int64_t n = a->n, l = a->l, c = a->c;
+    double *partial = a->grad_weights_partial ? a->grad_weights_partial + (int64_t)thread * l : NULL;
+    if (a->grad_flat) memset(a->grad_flat + b0 * n * c, 0, (size_t)((b1 - b0) * n * c) * sizeof(float));
+    for (int64_t b = b0; b < b1; b++) {
+        const float *base = a->flat + b * n * c;
+        float *grad_base = a->grad_flat ? a->grad_flat + b * n * c : NULL;
+        for (int64_t i = 0; i < n; i++) {
+            const float *restrict g = a->grad_out + (b * n + i) * c;
+            for (int64_t s = 0; s < l; s++) {
+                const int64_t partner = a->links[i * l + s] * c;
+                if (partial) {
+                    const float *restrict src = base + partner;
+                    float dot = 0.0f;
+                    DOT(dot, src, g, c);
+                    partial[s] += dot;
+                }
+                if (grad_base) {
+                    const float ws = a->weights[s];
+                    float *restrict dst = grad_base + partner;
+                    for (int64_t j = 0; j < c; j++) dst[j] += ws * g[j];
+                }
+            }
+        }
+    }
+}
+
+int cnn3d_link_forward(const float *flat, const float *weights, float *out, const int64_t *links, int64_t batch,
+                       int64_t n, int64_t l, int64_t c, int threads) {
+    link_args a = {flat, weights, NULL, out, NULL, NULL, links, batch, n, l, c};
+    return parallel_over_batch(link_forward_chunk, &a, batch, threads);
+}
+
+/* grad_weights_partial [threads, L] must come zeroed; the caller sums it over threads. */
+int cnn3d_link_backward(const float *flat, const float *weights, const float *grad_out, float *grad_flat,
+                        double *grad_weights_partial, const int64_t *links, int64_t batch, int64_t n, int64_t l,
+                        int64_t c, int threads) {
+    link_args a = {flat, weights, grad_out, NULL, grad_flat, grad_weights_partial, links, batch, n, l, c};
+    return parallel_over_batch(link_backward_chunk, &a, batch, threads);
+}

@@ -1,0 +1,182 @@
+"""The compiled CPU kernels of ``native.c``: built on first use, loaded through ctypes, optional.
+
+``kernels()`` compiles ``native.c`` with the system C compiler (``$CC``, else ``cc``) into
+``$CNN3D_KERNEL_DIR`` (default ``~/.cache/cnn3d/kernels``) once per source, compiler and CPU,
+and returns the loaded library — or None when there is no compiler, the build fails or
+``CNN3D_NATIVE=0``, in which case the fused step runs the same maths as torch ops. Nothing
+happens at import. The library links the process's OpenMP runtime, which is torch's own, so
+its parallel loops run on torch's intra-op threads at torch's thread count.
+
+Why C and not a torch C++ extension: the file needs no torch headers, so it builds in well
+under a second with nothing but ``cc``, and a machine without a compiler loses speed, not
+function. ``tests/test_native.py`` compares every kernel with the torch formulation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weights' partial sums)
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "cnn3d_mix_forward": [_ptr] * 4 + [_i64] * 4 + [_int],
+    "cnn3d_mix_backward": [_ptr] * 7 + [_i64] * 4 + [_int],
+    "cnn3d_link_forward": [_ptr] * 4 + [_i64] * 4 + [_int],
+    "cnn3d_link_backward": [_ptr] * 6 + [_i64] * 4 + [_int],
+}
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("CNN3D_KERNEL_DIR") or Path.home() / ".cache" / "cnn3d" / "kernels")
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (a cached build must not move CPUs)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _build(compiler: str) -> Path:
+    """Compile ``native.c`` into the kernel folder (atomically: concurrent builders each rename their own)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_identity()]).encode())
+    target = kernel_dir() / f"native-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when they cannot be built here (why: ``unavailable_reason()``)."""
+    try:
+        return _load()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        _reasons.append(f"{type(exc).__name__}: {exc}")
+        return None
+
+
+_reasons: list[str] = []
+
+
+def unavailable_reason() -> str | None:
+    """Why ``kernels()`` returned None, or None when they loaded (or were not asked for yet)."""
+    return _reasons[-1] if _reasons else None
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("CNN3D_NATIVE") == "0":
+        raise RuntimeError("disabled by CNN3D_NATIVE=0")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
+    library = ctypes.CDLL(str(_build(compiler)))
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return library
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The kernels apply: float32 CPU tensors, no autocast, and the library builds here."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and kernels() is not None
+    )
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), MAX_THREADS))
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def neighbour_tables(dims: tuple[int, int, int], offsets, periodic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read [N, K]``: the cell each cell reads through each offset (-1 past a zero border); ``readers``: its inverse.
+
+    Cells are numbered ``(z * H + y) * W + x``; int32, contiguous.
+    """
+    d, h, w = dims
+    n = d * h * w
+    grid = torch.stack(torch.meshgrid(*(torch.arange(s) for s in dims), indexing="ij"), -1).view(n, 1, 3)
+    step = torch.tensor(offsets, dtype=torch.int64).view(1, -1, 3)
+    size = torch.tensor(dims).view(1, 1, 3)
+
+    def cells(at: torch.Tensor) -> torch.Tensor:
+        if periodic:
+            at = at % size
+        inside = ((at >= 0) & (at < size)).all(-1)
+        index = (at[..., 0] * h + at[..., 1]) * w + at[..., 2]
+        return torch.where(inside, index, -1).to(torch.int32).contiguous()
+
+    return cells(grid + step), cells(grid - step)
+
+
+def mix_forward(value: torch.Tensor, weights: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """``value [B, N, C]``, ``weights [K, B, N]``, ``read [N, K]`` -> ``[B, N, C]`` (``out = sum_k w_k value[read_k]``)."""
+    b, n, c = value.shape
+    out = torch.empty_like(value)
+    kernels().cnn3d_mix_forward(_p(value), _p(weights), _p(out), _p(read), read.shape[1], b, n, c, _threads())
+    return out
+
+
+def mix_backward(value, weights, grad_out, read, readers, need_value: bool, need_weights: bool):
+    """Gradients of ``mix_forward`` with respect to ``value`` and ``weights`` (None where not needed)."""
+    b, n, c = value.shape
+    grad_value = torch.empty_like(value) if need_value else None
+    grad_weights = torch.empty_like(weights) if need_weights else None
+    kernels().cnn3d_mix_backward(_p(value), _p(weights), _p(grad_out), _p(grad_value), _p(grad_weights),
+                                 _p(read), _p(readers), read.shape[1], b, n, c, _threads())
+    return grad_value, grad_weights
+
+
+def link_forward(flat: torch.Tensor, weights: torch.Tensor, links: torch.Tensor) -> torch.Tensor:
+    """``flat [B, N, C]``, ``weights [L]``, ``links [N, L]`` -> ``[B, N, C]``."""
+    b, n, c = flat.shape
+    out = torch.empty_like(flat)
+    kernels().cnn3d_link_forward(_p(flat), _p(weights), _p(out), _p(links), b, n, links.shape[1], c, _threads())
+    return out
+
+
+def link_backward(flat, weights, links, grad_out, need_flat: bool, need_weights: bool):
+    """Gradients of ``link_forward`` with respect to ``flat`` and ``weights`` (None where not needed)."""
+    b, n, c = flat.shape
+    num_links = links.shape[1]
+    grad_flat = torch.empty_like(flat) if need_flat else None
+    partial = torch.zeros(MAX_THREADS, num_links, dtype=torch.float64) if need_weights else None
+    kernels().cnn3d_link_backward(_p(flat), _p(weights), _p(grad_out), _p(grad_flat), _p(partial), _p(links), b, n,
+                                  num_links, c, _threads())
+    return grad_flat, None if partial is None else partial.sum(0).to(weights.dtype)

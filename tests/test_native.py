@@ -1,0 +1,166 @@
+"""The compiled kernels of ``cnn3d/native.c`` against the torch formulation of the same maths."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cnn3d import build_model, native, with_overrides
+from cnn3d.config import Config
+from cnn3d.fused import NativeLinkMix, NativeNeighbourMix, RowsNeighbourMix, SparseLinkMix, _link_csr, pad_rows
+from cnn3d.lattice import axial_offsets
+
+needs_kernels = pytest.mark.skipif(native.kernels() is None, reason=f"no kernels here: {native.unavailable_reason()}")
+
+OFFSET_CASES = {  # dims, radius, boundary
+    "zero": ((4, 5, 6), 2, "zero"),
+    "periodic": ((4, 5, 6), 2, "periodic"),
+    "wraps_further_than_lattice": ((2, 3, 3), 3, "periodic"),
+}
+
+
+def _torch_mix(value, weights, offsets, boundary):
+    """The same mix in torch ops: rolls for the periodic case (they wrap any distance), else the padded view."""
+    if boundary == "periodic":
+        return sum(torch.roll(value, tuple(-v for v in o), (1, 2, 3)) * weights[k].unsqueeze(-1)
+                   for k, o in enumerate(offsets))
+    r = max(max(abs(v) for v in o) for o in offsets)
+    return RowsNeighbourMix.apply(pad_rows(value, r, boundary), weights, offsets, r)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", OFFSET_CASES)
+def test_neighbour_mix_matches_torch_outputs_and_gradients(case, threads):
+    dims, radius, boundary = OFFSET_CASES[case]
+    offsets = axial_offsets(radius)
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(3, *dims, 5, generator=generator, requires_grad=True)
+    weights = torch.rand(len(offsets), 3, *dims, generator=generator).requires_grad_()
+    grad = torch.randn(3, *dims, 5, generator=generator)
+    tables = native.neighbour_tables(dims, offsets, boundary == "periodic")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = NativeNeighbourMix.apply(value, weights, tables)
+        got = torch.autograd.grad(out, (value, weights), grad)
+    finally:
+        torch.set_num_threads(previous)
+    expected_out = _torch_mix(value, weights, offsets, boundary)
+    expected = torch.autograd.grad(expected_out, (value, weights), grad)
+    assert torch.allclose(out, expected_out, atol=1e-5)
+    for name, a, b in zip(("value", "weights"), got, expected):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+@needs_kernels
+def test_neighbour_tables_are_inverse_of_each_other():
+    offsets = axial_offsets(2)
+    for periodic in (False, True):
+        read, readers = native.neighbour_tables((3, 4, 5), offsets, periodic)
+        for k in range(len(offsets)):
+            for cell in range(read.shape[0]):
+                q = int(read[cell, k])
+                if q >= 0:
+                    assert int(readers[q, k]) == cell
+        assert ((read >= 0).sum() == (readers >= 0).sum()) and (periodic == bool((read >= 0).all()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_link_mix_matches_sparse_matmul_outputs_and_gradients(threads):
+    generator = torch.Generator().manual_seed(1)
+    cells, num_links = 60, 5
+
+    class Links(torch.nn.Module):  # what _link_csr reads from an expert
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("links", torch.randint(0, cells, (cells, num_links), generator=generator))
+
+    expert = Links()
+    flat = torch.randn(7, cells, 4, generator=generator, requires_grad=True)
+    weights = torch.rand(num_links, generator=generator).softmax(0).requires_grad_()
+    grad = torch.randn(7, cells, 4, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = NativeLinkMix.apply(flat, weights, expert.links)
+        got = torch.autograd.grad(out, (flat, weights), grad)
+    finally:
+        torch.set_num_threads(previous)
+    expected_out = SparseLinkMix.apply(flat, weights, _link_csr(expert, flat.device))
+    expected = torch.autograd.grad(expected_out, (flat, weights), grad)
+    assert torch.allclose(out, expected_out, atol=1e-5)
+    for name, a, b in zip(("flat", "weights"), got, expected):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("overrides", [{}, {"lattice.boundary": "periodic"}, {"lattice.depth": 5, "lattice.height": 3}])
+def test_model_with_kernels_matches_torch_ops_in_float32(overrides):
+    cfg = with_overrides(Config(), {"lattice.size": 4, "lattice.steps": 4, **overrides})
+    model = build_model(cfg, 24).train()
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for use_native in (False, True):
+        model.processor.native = use_native
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        (out.embedding.pow(2).sum() + out.gates.pow(2).sum() + out.state.sin().sum()).backward()
+        results[use_native] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (ref, ref_grads), (new, new_grads) = results[False], results[True]
+    assert torch.allclose(new.embedding, ref.embedding, atol=1e-5) and torch.allclose(new.state, ref.state, atol=1e-5)
+    assert set(new_grads) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        # float32 summation order differs; a wrong gradient is off by about its own size
+        assert (new_grads[name] - grad).abs().max() <= 1e-4 * (1 + grad.abs().max()), name
+
+
+@needs_kernels
+def test_links_out_of_range_are_an_error_not_a_crash():
+    cfg = with_overrides(Config(), {"lattice.size": 4, "lattice.steps": 2})
+    model = build_model(cfg, 24)
+    with torch.no_grad():
+        model.processor.experts["distant"].links[0, 0] = 4**3  # one past the last cell
+    with pytest.raises(ValueError, match="outside the lattice"):
+        model(torch.randn(2, 24))
+
+
+def _child(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_without_a_compiler_the_step_runs_in_torch_ops(tmp_path):
+    result = _child("""
+        import torch
+        from cnn3d import build_model, native, with_overrides
+        from cnn3d.config import Config
+        model = build_model(with_overrides(Config(), {"lattice.size": 4, "lattice.steps": 2}), 24)
+        model(torch.randn(2, 24)).embedding.sum().backward()
+        print(native.kernels() is None, native.unavailable_reason())
+    """, {"CC": str(tmp_path / "no-such-compiler"), "CNN3D_KERNEL_DIR": str(tmp_path / "kernels")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("True RuntimeError: no C compiler"), result.stdout
+    assert not (tmp_path / "kernels").exists()
+
+
+@needs_kernels
+def test_processes_building_at_once_all_load_one_library(tmp_path):
+    """Four processes race to build into an empty folder: each renames its own build, all load, one file stays."""
+    code = "from cnn3d import native; assert native.kernels() is not None, native.unavailable_reason()"
+    env = {**os.environ, "CNN3D_KERNEL_DIR": str(tmp_path)}
+    children = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+                for _ in range(4)]
+    for child in children:
+        assert child.wait(timeout=300) == 0, child.stderr.read()
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_disabled_by_environment(tmp_path):
+    result = _child("from cnn3d import native; print(native.kernels() is None, native.unavailable_reason())",
+                    {"CNN3D_NATIVE": "0", "CNN3D_KERNEL_DIR": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.strip() == "True RuntimeError: disabled by CNN3D_NATIVE=0"
