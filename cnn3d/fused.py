@@ -260,6 +260,36 @@ class NativeLinkMix(torch.autograd.Function):
         return grad_flat, grad_weights, None
 
 
+class GatedUpdate(torch.autograd.Function):
+    """The step's update in one pass (``cnn3d/native.c``): ``rows + rate * (tanh(sum_e gates[e] * outs[e]) - rows)``.
+
+    ``rows`` and each expert output ``[B, D, H, W, C]``, ``gates [E, B, D, H, W]``. Keeps only
+    the tanh for the backward (the gate sum is not needed again). Callers check
+    ``native.vector_math()`` first: with a scalar tanh this is slower than torch's ops.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, gates, rate, *outs):
+        b, d, h, w, c = rows.shape
+        flat = [o.contiguous().view(b, -1, c) for o in outs]
+        gates = gates.contiguous()
+        new_rows, t = native.update_forward(rows.contiguous().view(b, -1, c), gates, flat, rate)
+        ctx.save_for_backward(gates, t, *flat)
+        ctx.rate, ctx.shape = rate, rows.shape
+        return new_rows.view(b, d, h, w, c)
+
+    @staticmethod
+    def backward(ctx, grad_new):
+        gates, t, *outs = ctx.saved_tensors
+        b, n, c = t.shape
+        grad_rows, grad_gates, grad_outs = native.update_backward(
+            gates, outs, t, grad_new.contiguous().view(b, n, c), ctx.rate, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1], ctx.needs_input_grad[3:])
+        shape = ctx.shape
+        return (None if grad_rows is None else grad_rows.view(shape), grad_gates, None,
+                *(None if g is None else g.view(shape) for g in grad_outs))
+
+
 def _checked_links(expert, cells: int) -> torch.Tensor:
     """The distant links as contiguous int64, checked in range once per links tensor (C reads them unchecked)."""
     links = expert.links
@@ -382,7 +412,7 @@ def _distant(expert, value, use_native: bool = False) -> torch.Tensor:
     b, d, h, w, c = value.shape
     flat = value.reshape(b, d * h * w, c)
     # a sparse matmul: no [B, N, links, C] partner copy (CPU sparse kernels exist for float32/64 only)
-    if use_native and native.usable(value):  # one gather pass (cnn3d/native.c)
+    if use_native and expert.neighbours <= native.MAX_LINKS and native.usable(value):  # one gather pass (native.c)
         weights = expert.link_weight.softmax(0).to(value.dtype)
         return NativeLinkMix.apply(flat, weights, _checked_links(expert, d * h * w)).view(b, d, h, w, c)
     if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
@@ -402,18 +432,24 @@ def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     # experts-first [E, B, D, H, W]: a softmax over a last axis of 2-3 is ~8x slower on CPU than over a
     # leading one, and each expert's weight gates[i] comes out contiguous for the mixing below
     gates = gate_weights_rows(columns["gate"].movedim(-1, 0), processor.temperature, processor.top_k, dim=0)
-    message = None
-    for i, (name, expert) in enumerate(processor.experts.items()):
+    outs = []
+    for name, expert in processor.experts.items():
         if expert_kind(name) == "local":  # local2, ... (continual.new_expert) are local experts too
-            out = _stencil_rows(expert, rows)
+            outs.append(_stencil_rows(expert, rows))
         elif name == "functional":
-            out = _functional(expert, rows, columns["functional_gate_score"],
-                              columns["functional_value"], processor.native)
+            outs.append(_functional(expert, rows, columns["functional_gate_score"],
+                                    columns["functional_value"], processor.native))
         else:
-            out = _distant(expert, columns["distant_value"], processor.native)
-        g = gates[i].unsqueeze(-1).to(out.dtype)
-        message = out * g if message is None else torch.addcmul(message, out, g)
-    new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)
+            outs.append(_distant(expert, columns["distant_value"], processor.native))
+    if (processor.native and len(outs) <= 16 and rows.shape[-1] <= 512 and native.usable(rows, gates, *outs)
+            and native.vector_math()):
+        new_rows = GatedUpdate.apply(rows, gates, float(processor.update_rate), *outs)
+    else:
+        message = None
+        for g, out in zip(gates.unsqueeze(-1), outs):
+            g = g.to(out.dtype)
+            message = out * g if message is None else torch.addcmul(message, out, g)
+        new_rows = torch.lerp(rows, torch.tanh(message).to(rows.dtype), processor.update_rate)
     return new_rows, gates.permute(1, 2, 3, 4, 0)  # a [B, D, H, W, E] view
 
 

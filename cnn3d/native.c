@@ -9,9 +9,24 @@
  * gradient buffer belongs to one thread, so scatters need no atomics); the caller passes
  * the thread count (torch's own intra-op setting).
  */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+/* glibc's libmvec (2.35 and newer on x86-64) has vector tanhf: declared so, the loops below call
+ * it 8 or 16 lanes at a time (about 10x torch's own tanh on one AVX-512 core, BENCHMARKS.md).
+ * Without it tanhf is scalar and slower than torch's, and the caller keeps torch's update. */
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(CNN3D_NO_MVEC) && \
+    (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+#pragma omp declare simd notinbranch
+extern float tanhf(float);
+#define VECTOR_MATH 1
+#else
+#define VECTOR_MATH 0
+#endif
+
+int cnn3d_vector_math(void) { return VECTOR_MATH; }
 
 /* dot += sum_j x[j] * y[j]: a simd reduction (C alone may not reorder the float sum, so it would not vectorise) */
 #define DOT(dot, x, y, n) \
@@ -122,6 +137,8 @@ int cnn3d_mix_backward(const float *value, const float *weights, const float *gr
  * out[b, n, :] = sum_l weights[l] * flat[b, links[n, l], :]
  * flat [B, N, C], links [N, L] (int64), weights [L], out [B, N, C].
  */
+#define MAX_LINKS 256
+
 typedef struct {
     const float *flat, *weights, *grad_out;
     float *out, *grad_flat;
@@ -151,7 +168,10 @@ static void link_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread
 static void link_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
     const link_args *a = (const link_args *)p;
     const int64_t n = a->n, l = a->l, c = a->c;
-    double *partial = a->grad_weights_partial ? a->grad_weights_partial + (int64_t)thread * l : NULL;
+    /* this thread's sums in a local array, written once at the end: the threads' rows of the partial
+     * sums share cache lines, and adding into them in the loop made 2 threads slower than 1 */
+    double local[MAX_LINKS] = {0.0};
+    double *partial = a->grad_weights_partial ? local : NULL;
     if (a->grad_flat) memset(a->grad_flat + b0 * n * c, 0, (size_t)((b1 - b0) * n * c) * sizeof(float));
     for (int64_t b = b0; b < b1; b++) {
         const float *base = a->flat + b * n * c;
@@ -174,6 +194,8 @@ static void link_backward_chunk(const void *p, int64_t b0, int64_t b1, int threa
             }
         }
     }
+    if (partial)
+        for (int64_t s = 0; s < l; s++) a->grad_weights_partial[(int64_t)thread * l + s] = local[s];
 }
 
 int cnn3d_link_forward(const float *flat, const float *weights, float *out, const int64_t *links, int64_t batch,
@@ -182,10 +204,98 @@ int cnn3d_link_forward(const float *flat, const float *weights, float *out, cons
     return parallel_over_batch(link_forward_chunk, &a, batch, threads);
 }
 
-/* grad_weights_partial [threads, L] must come zeroed; the caller sums it over threads. */
+/* grad_weights_partial [threads, L] must come zeroed; the caller sums it over threads. -1 (nothing
+ * done) past MAX_LINKS links. */
 int cnn3d_link_backward(const float *flat, const float *weights, const float *grad_out, float *grad_flat,
                         double *grad_weights_partial, const int64_t *links, int64_t batch, int64_t n, int64_t l,
                         int64_t c, int threads) {
+    if (l > MAX_LINKS) return -1;
     link_args a = {flat, weights, grad_out, NULL, grad_flat, grad_weights_partial, links, batch, n, l, c};
     return parallel_over_batch(link_backward_chunk, &a, batch, threads);
+}
+
+/* ------------------------------------------------------------------ gated update
+ * new[b, n, :] = rows + rate * (tanh(sum_e gates[e, b, n] * outs[e][b, n, :]) - rows)
+ * rows and each of the E expert outputs [B, N, C], gates [E, B, N]. The forward also keeps
+ * t = tanh(...) [B, N, C] for the backward, which needs nothing else of the sum.
+ */
+#define MAX_EXPERTS 16
+
+typedef struct {
+    const float *rows, *gates, *t, *grad_new;
+    const float *const *outs;
+    float *new_rows, *t_out, *grad_rows, *grad_gates;
+    float *const *grad_outs;
+    int64_t e, batch, n, c;
+    float rate;
+} update_args;
+
+static void update_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const update_args *a = (const update_args *)p;
+    (void)thread;
+    const int64_t n = a->n, c = a->c;
+    float message[512];
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t at = (b * n + i) * c;
+            for (int64_t j = 0; j < c; j++) message[j] = 0.0f;
+            for (int64_t e = 0; e < a->e; e++) {
+                const float g = a->gates[(e * a->batch + b) * n + i];
+                const float *restrict out = a->outs[e] + at;
+                for (int64_t j = 0; j < c; j++) message[j] += g * out[j];
+            }
+            const float *restrict rows = a->rows + at;
+            float *restrict t = a->t_out + at, *restrict next = a->new_rows + at;
+#pragma omp simd
+            for (int64_t j = 0; j < c; j++) {
+                t[j] = tanhf(message[j]);
+                next[j] = rows[j] + a->rate * (t[j] - rows[j]);
+            }
+        }
+}
+
+static void update_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const update_args *a = (const update_args *)p;
+    (void)thread;
+    const int64_t n = a->n, c = a->c;
+    float grad_message[512];
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t at = (b * n + i) * c;
+            const float *restrict g = a->grad_new + at, *restrict t = a->t + at;
+            if (a->grad_rows)
+                for (int64_t j = 0; j < c; j++) a->grad_rows[at + j] = (1.0f - a->rate) * g[j];
+            for (int64_t j = 0; j < c; j++) grad_message[j] = a->rate * g[j] * (1.0f - t[j] * t[j]);
+            for (int64_t e = 0; e < a->e; e++) {
+                const int64_t gate_at = (e * a->batch + b) * n + i;
+                if (a->grad_outs[e]) {
+                    const float gate = a->gates[gate_at];
+                    float *restrict dst = a->grad_outs[e] + at;
+                    for (int64_t j = 0; j < c; j++) dst[j] = gate * grad_message[j];
+                }
+                if (a->grad_gates) {
+                    const float *restrict out = a->outs[e] + at;
+                    float dot = 0.0f;
+                    DOT(dot, out, grad_message, c);
+                    a->grad_gates[gate_at] = dot;
+                }
+            }
+        }
+}
+
+/* Returns -1 (nothing done) past MAX_EXPERTS experts or 512 channels; the caller then uses torch ops. */
+int cnn3d_update_forward(const float *rows, const float *gates, const float *const *outs, float *new_rows, float *t,
+                         float rate, int64_t e, int64_t batch, int64_t n, int64_t c, int threads) {
+    if (e > MAX_EXPERTS || c > 512) return -1;
+    update_args a = {rows, gates, NULL, NULL, outs, new_rows, t, NULL, NULL, NULL, e, batch, n, c, rate};
+    return parallel_over_batch(update_forward_chunk, &a, batch, threads);
+}
+
+/* grad_rows, grad_gates and any grad_outs[e] may be NULL (not wanted); the others are fully written. */
+int cnn3d_update_backward(const float *gates, const float *const *outs, const float *t, const float *grad_new,
+                          float *grad_rows, float *grad_gates, float *const *grad_outs, float rate, int64_t e,
+                          int64_t batch, int64_t n, int64_t c, int threads) {
+    if (e > MAX_EXPERTS || c > 512) return -1;
+    update_args a = {NULL, gates, t, grad_new, outs, NULL, NULL, grad_rows, grad_gates, grad_outs, e, batch, n, c, rate};
+    return parallel_over_batch(update_backward_chunk, &a, batch, threads);
 }

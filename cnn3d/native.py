@@ -28,6 +28,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+MAX_LINKS = 256  # as in native.c
 MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weights' partial sums)
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -36,6 +37,9 @@ _SIGNATURES = {
     "cnn3d_mix_backward": [_ptr] * 7 + [_i64] * 4 + [_int],
     "cnn3d_link_forward": [_ptr] * 4 + [_i64] * 4 + [_int],
     "cnn3d_link_backward": [_ptr] * 6 + [_i64] * 4 + [_int],
+    "cnn3d_update_forward": [_ptr] * 5 + [ctypes.c_float] + [_i64] * 4 + [_int],
+    "cnn3d_update_backward": [_ptr] * 7 + [ctypes.c_float] + [_i64] * 4 + [_int],
+    "cnn3d_vector_math": [],
 }
 
 
@@ -68,7 +72,14 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        # with glibc's vector maths library, else without it (the tanh update then stays in torch)
+        for extra in (["-lmvec"], ["-DCNN3D_NO_MVEC"]):
+            command = [compiler, *FLAGS, str(SOURCE), "-o", tmp, *extra]
+            build = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if build.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{' '.join(command)} failed: {build.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -163,6 +174,36 @@ def mix_backward(value, weights, grad_out, read, readers, need_value: bool, need
     return grad_value, grad_weights
 
 
+def vector_math() -> bool:
+    """The update kernel's tanh runs on vectors (glibc's libmvec); without, torch's tanh is faster."""
+    return bool(kernels().cnn3d_vector_math())
+
+
+def update_forward(rows: torch.Tensor, gates: torch.Tensor, outs: list[torch.Tensor], rate: float):
+    """``rows + rate * (tanh(sum_e gates[e] * outs[e]) - rows)`` -> (new rows, the tanh ``t``); all ``[B, N, C]``.
+
+    None when the kernel declines (more than 16 experts or 512 channels).
+    """
+    b, n, c = rows.shape
+    new_rows, t = torch.empty_like(rows), torch.empty_like(rows)
+    pointers = (_ptr * len(outs))(*[_p(o) for o in outs])
+    status = kernels().cnn3d_update_forward(_p(rows), _p(gates), pointers, _p(new_rows), _p(t), rate, len(outs),
+                                            b, n, c, _threads())
+    return None if status < 0 else (new_rows, t)
+
+
+def update_backward(gates, outs, t, grad_new, rate: float, need_rows: bool, need_gates: bool, need_outs):
+    """Gradients of ``update_forward``: (rows, gates, [each expert output]); None where not needed."""
+    b, n, c = t.shape
+    grad_rows = torch.empty_like(t) if need_rows else None
+    grad_gates = torch.empty_like(gates) if need_gates else None
+    grad_outs = [torch.empty_like(t) if need else None for need in need_outs]
+    kernels().cnn3d_update_backward(_p(gates), (_ptr * len(outs))(*[_p(o) for o in outs]), _p(t), _p(grad_new),
+                                    _p(grad_rows), _p(grad_gates), (_ptr * len(outs))(*[_p(g) for g in grad_outs]),
+                                    rate, len(outs), b, n, c, _threads())
+    return grad_rows, grad_gates, grad_outs
+
+
 def link_forward(flat: torch.Tensor, weights: torch.Tensor, links: torch.Tensor) -> torch.Tensor:
     """``flat [B, N, C]``, ``weights [L]``, ``links [N, L]`` -> ``[B, N, C]``."""
     b, n, c = flat.shape
@@ -177,6 +218,8 @@ def link_backward(flat, weights, links, grad_out, need_flat: bool, need_weights:
     num_links = links.shape[1]
     grad_flat = torch.empty_like(flat) if need_flat else None
     partial = torch.zeros(MAX_THREADS, num_links, dtype=torch.float64) if need_weights else None
+    if num_links > MAX_LINKS:  # native.c's own bound: callers use torch ops past it
+        raise ValueError(f"{num_links} links per cell; the kernel takes at most {MAX_LINKS}")
     kernels().cnn3d_link_backward(_p(flat), _p(weights), _p(grad_out), _p(grad_flat), _p(partial), _p(links), b, n,
                                   num_links, c, _threads())
     return grad_flat, None if partial is None else partial.sum(0).to(weights.dtype)

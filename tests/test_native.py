@@ -1,5 +1,6 @@
 """The compiled kernels of ``cnn3d/native.c`` against the torch formulation of the same maths."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -10,7 +11,15 @@ import torch
 
 from cnn3d import build_model, native, with_overrides
 from cnn3d.config import Config
-from cnn3d.fused import NativeLinkMix, NativeNeighbourMix, RowsNeighbourMix, SparseLinkMix, _link_csr, pad_rows
+from cnn3d.fused import (
+    GatedUpdate,
+    NativeLinkMix,
+    NativeNeighbourMix,
+    RowsNeighbourMix,
+    SparseLinkMix,
+    _link_csr,
+    pad_rows,
+)
 from cnn3d.lattice import axial_offsets
 
 needs_kernels = pytest.mark.skipif(native.kernels() is None, reason=f"no kernels here: {native.unavailable_reason()}")
@@ -96,6 +105,42 @@ def test_link_mix_matches_sparse_matmul_outputs_and_gradients(threads):
     assert torch.allclose(out, expected_out, atol=1e-5)
     for name, a, b in zip(("flat", "weights"), got, expected):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gated_update_matches_torch_outputs_and_gradients(threads):
+    if not native.vector_math():
+        pytest.skip("no vector tanh here: the step keeps torch's update")
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 2, 3, 4, 6, generator=generator, requires_grad=True)
+    gates = torch.rand(3, 5, 2, 3, 4, generator=generator)
+    gates = (gates * (gates > 0.3)).requires_grad_()  # top-k gating leaves zeros
+    outs = [(2 * torch.randn(5, 2, 3, 4, 6, generator=generator)).requires_grad_() for _ in range(3)]
+    grad = torch.randn(5, 2, 3, 4, 6, generator=generator)
+    inputs = (rows, gates, *outs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        new = GatedUpdate.apply(rows, gates, 0.3, *outs)
+        got = torch.autograd.grad(new, inputs, grad)
+    finally:
+        torch.set_num_threads(previous)
+    expected_new = torch.lerp(rows, torch.tanh(sum(g.unsqueeze(-1) * o for g, o in zip(gates, outs))), 0.3)
+    expected = torch.autograd.grad(expected_new, inputs, grad)
+    assert torch.allclose(new, expected_new, atol=1e-6)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=1e-5), i
+
+
+def test_kernels_build_without_vector_maths(tmp_path):
+    """Where glibc has no libmvec the build drops it: the kernels load and say their tanh is scalar."""
+    compiler = native._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    library = tmp_path / "scalar.so"
+    subprocess.run([compiler, *native.FLAGS, str(native.SOURCE), "-o", str(library), "-DCNN3D_NO_MVEC"], check=True)
+    assert ctypes.CDLL(str(library)).cnn3d_vector_math() == 0
 
 
 @needs_kernels
