@@ -118,9 +118,35 @@ class NativeNeighbourMix(torch.autograd.Function):
         value, weights = ctx.saved_tensors
         b, d, h, w, c = value.shape
         grad_value, grad_weights = native.mix_backward(
-            value.view(b, -1, c), weights, grad_out.contiguous().view(b, -1, c), *ctx.tables,
+            value.view(b, -1, c), weights, grad_out.contiguous().view(b, -1, c), *ctx.tables[:2],
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return None if grad_value is None else grad_value.view(b, d, h, w, c), grad_weights, None
+
+
+class NativeFunctional(torch.autograd.Function):
+    """The whole functional expert through ``cnn3d/native.c`` (float32, CPU): attention, mix and gate in one pass.
+
+    ``score [B, D, H, W, C+2]`` (the gate's C columns, then dst and src), ``value [B, D, H, W, C]``
+    (both may be column slices of the step's projection: read in place), ``bias [K]`` (the
+    offsets' bias), ``tables`` = ``native.neighbour_tables`` -> ``[B, D, H, W, C]``. Saves the
+    attention ``[K, B, N]`` and the message for the backward; ``_functional`` is the same maths
+    in torch ops.
+    """
+
+    @staticmethod
+    def forward(ctx, score, value, bias, tables):
+        out, attn, message = native.functional_forward(score, value, bias.contiguous(), tables[0], tables[2])
+        ctx.save_for_backward(score, value, attn, message)
+        ctx.tables = tables
+        return out.view(value.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        score, value, attn, message = ctx.saved_tensors
+        b, c = value.shape[0], value.shape[-1]
+        grad_score, grad_value, grad_bias = native.functional_backward(
+            score, value, attn, message, grad_out.contiguous().view(b, -1, c), *ctx.tables)
+        return grad_score.view(score.shape), grad_value.view(value.shape), grad_bias, None
 
 
 class ShiftStack(torch.autograd.Function):
@@ -366,6 +392,9 @@ def _functional(expert, rows, gate_score, value, use_native: bool = False) -> to
     """The functional expert on rows: ``gate_score [B, D, H, W, C+2]``, ``value [B, D, H, W, C]``."""
     c = value.shape[-1]
     dims = tuple(rows.shape[1:4])
+    if use_native and len(expert.offsets) <= native.MAX_OFFSETS and native.usable(gate_score, value) \
+            and native.vector_math():  # the kernel's exp runs on vectors only with libmvec
+        return NativeFunctional.apply(gate_score, value, expert.offset_bias, _neighbour_tables(expert, dims))
     gate, dst, src = gate_score.split([c, 1, 1], dim=-1)
     dst, src = dst.squeeze(-1), src.squeeze(-1)  # [B, D, H, W] each
     offsets = expert.offsets

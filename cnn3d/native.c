@@ -14,13 +14,15 @@
 #include <stdint.h>
 #include <string.h>
 
-/* glibc's libmvec (2.35 and newer on x86-64) has vector tanhf: declared so, the loops below call
+/* glibc's libmvec (2.35 and newer on x86-64) has vector tanhf and expf: declared so, the loops below call
  * it 8 or 16 lanes at a time (about 10x torch's own tanh on one AVX-512 core, BENCHMARKS.md).
  * Without it tanhf is scalar and slower than torch's, and the caller keeps torch's update. */
 #if defined(__x86_64__) && defined(__GLIBC__) && !defined(CNN3D_NO_MVEC) && \
     (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
 #pragma omp declare simd notinbranch
 extern float tanhf(float);
+#pragma omp declare simd notinbranch
+extern float expf(float);
 #define VECTOR_MATH 1
 #else
 #define VECTOR_MATH 0
@@ -298,4 +300,198 @@ int cnn3d_update_backward(const float *gates, const float *const *outs, const fl
     if (e > MAX_EXPERTS || c > 512) return -1;
     update_args a = {NULL, gates, t, grad_new, outs, NULL, NULL, grad_rows, grad_gates, grad_outs, e, batch, n, c, rate};
     return parallel_over_batch(update_backward_chunk, &a, batch, threads);
+}
+
+/* ------------------------------------------------------------------ functional expert
+ * The attention expert on rows of N cells. Per cell i, with read[i, k] its neighbour through
+ * offset k (-1: none, past a zero border):
+ *   logit[k] = leaky_relu(dst[i] + src[read[i, k]], 0.2) + bias[k]       (no neighbour: excluded)
+ *   attn[k]  = softmax_k(logit)
+ *   message  = sum_k attn[k] * value[read[i, k], :]
+ *   out[i]   = sigmoid(gate[i, :]) * message
+ * gate (C columns), dst and src (one column each) are consecutive columns of `score` rows of
+ * `score_stride` floats; `value` rows are `value_stride` floats apart (both are column slices of
+ * the step's one projection, read in place). The forward keeps attn [K, B, N] and the message
+ * [B, N, C] for the backward.
+ */
+#define MAX_OFFSETS 256
+
+typedef struct {
+    const float *score, *value, *bias, *attn, *message, *grad_out;
+    float *out, *attn_out, *message_out, *grad_score, *grad_value, *grad_message, *grad_pre;
+    double *grad_bias_partial; /* [threads, K] */
+    const int32_t *read, *readers, *read_t; /* read_t: read transposed, [K, N], "none" as N */
+    float *scratch;                         /* [threads, 4 * (N + 1)] */
+    int64_t score_stride, value_stride, k, batch, n, c;
+} functional_args;
+
+/* The attention of one sample, vectorised over cells (one offset at a time, as torch would, but
+ * on a sample that stays in cache): logits [K, N] -> softmax weights in place. dst, src [N + 1];
+ * read_t [K, N] is `read` transposed with "no neighbour" as N (src[N] = 0), so the gather is
+ * unconditional and vectorises. */
+static void attention(const functional_args *a, const float *dst, const float *src, const int32_t *read_t,
+                      float *restrict attn, int64_t b, float *restrict top, float *restrict total) {
+    const int64_t n = a->n, kk = a->k;
+    for (int64_t i = 0; i < n; i++) top[i] = -INFINITY, total[i] = 0.0f;
+    for (int64_t k = 0; k < kk; k++) {
+        float *restrict logit = attn + (k * a->batch + b) * n;
+        const int32_t *restrict q = read_t + k * n;
+        const float bias = a->bias[k];
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const float pre = dst[i] + src[q[i]];
+            const float x = q[i] == n ? -INFINITY : (pre > 0.0f ? pre : 0.2f * pre) + bias;
+            logit[i] = x;
+            top[i] = x > top[i] ? x : top[i];
+        }
+    }
+    for (int64_t k = 0; k < kk; k++) {
+        float *restrict w = attn + (k * a->batch + b) * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            w[i] = expf(w[i] - top[i]);
+            total[i] += w[i];
+        }
+    }
+    for (int64_t i = 0; i < n; i++) total[i] = 1.0f / total[i];
+    for (int64_t k = 0; k < kk; k++) {
+        float *restrict w = attn + (k * a->batch + b) * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) w[i] *= total[i];
+    }
+}
+
+/* dst and src columns of one sample, contiguous, with src[n] = 0 (see attention) */
+static void score_columns(const functional_args *a, const float *score, float *dst, float *src) {
+    const int64_t n = a->n, ss = a->score_stride, c = a->c;
+    for (int64_t i = 0; i < n; i++) dst[i] = score[i * ss + c], src[i] = score[i * ss + c + 1];
+    dst[n] = src[n] = 0.0f;
+}
+
+static void functional_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const functional_args *a = (const functional_args *)p;
+    const int64_t n = a->n, c = a->c, kk = a->k, ss = a->score_stride, vs = a->value_stride;
+    float *scratch = a->scratch + (int64_t)thread * 4 * (n + 1);
+    float *dst = scratch, *src = dst + n + 1, *top = src + n + 1, *total = top + n + 1;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *score = a->score + b * n * ss, *value = a->value + b * n * vs;
+        score_columns(a, score, dst, src);
+        attention(a, dst, src, a->read_t, a->attn_out, b, top, total);
+        for (int64_t i = 0; i < n; i++) {
+            float *restrict message = a->message_out + (b * n + i) * c;
+            for (int64_t j = 0; j < c; j++) message[j] = 0.0f;
+            for (int64_t k = 0; k < kk; k++) {
+                const int32_t q = a->read[i * kk + k];
+                if (q < 0) continue;
+                const float w = a->attn_out[(k * a->batch + b) * n + i];
+                const float *restrict v = value + (int64_t)q * vs;
+                for (int64_t j = 0; j < c; j++) message[j] += w * v[j];
+            }
+            const float *restrict gate = score + i * ss;
+            float *restrict out = a->out + (b * n + i) * c;
+#pragma omp simd
+            for (int64_t j = 0; j < c; j++) out[j] = message[j] / (1.0f + expf(-gate[j]));
+        }
+    }
+}
+
+static void functional_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const functional_args *a = (const functional_args *)p;
+    const int64_t n = a->n, c = a->c, kk = a->k, ss = a->score_stride, vs = a->value_stride, gs = c + 2;
+    float *scratch = a->scratch + (int64_t)thread * 4 * (n + 1);
+    float *dst = scratch, *src = dst + n + 1, *mean = src + n + 1, *grad_dst = mean + n + 1;
+    double bias_sum[MAX_OFFSETS] = {0.0};
+    for (int64_t b = b0; b < b1; b++) {
+        const float *score = a->score + b * n * ss, *value = a->value + b * n * vs;
+        float *grad_score = a->grad_score + b * n * gs;
+        float *gm_base = a->grad_message + b * n * c;
+        score_columns(a, score, dst, src);
+        /* per cell: the gate's gradient, the message's, and d loss / d attn (kept in grad_pre) */
+        for (int64_t i = 0; i < n; i++) {
+            const float *restrict gate = score + i * ss, *restrict g = a->grad_out + (b * n + i) * c;
+            const float *restrict message = a->message + (b * n + i) * c;
+            float *restrict grad_gate = grad_score + i * gs, *restrict gm = gm_base + i * c;
+#pragma omp simd
+            for (int64_t j = 0; j < c; j++) {
+                const float s = 1.0f / (1.0f + expf(-gate[j]));
+                grad_gate[j] = g[j] * message[j] * s * (1.0f - s);
+                gm[j] = g[j] * s;
+            }
+            for (int64_t k = 0; k < kk; k++) {
+                const int32_t q = a->read[i * kk + k];
+                float dot = 0.0f;
+                if (q >= 0) {
+                    const float *restrict v = value + (int64_t)q * vs;
+                    DOT(dot, v, gm, c);
+                }
+                a->grad_pre[(k * a->batch + b) * n + i] = dot;
+            }
+        }
+        /* over cells, one offset at a time: softmax and leaky_relu backward */
+        for (int64_t i = 0; i < n; i++) mean[i] = 0.0f, grad_dst[i] = 0.0f;
+        for (int64_t k = 0; k < kk; k++) {
+            const float *restrict w = a->attn + (k * a->batch + b) * n, *restrict ga = a->grad_pre + (k * a->batch + b) * n;
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) mean[i] += w[i] * ga[i];
+        }
+        for (int64_t k = 0; k < kk; k++) {
+            const float *restrict w = a->attn + (k * a->batch + b) * n;
+            float *restrict gp = a->grad_pre + (k * a->batch + b) * n;
+            const int32_t *restrict q = a->read_t + k * n;
+            float bias = 0.0f;
+#pragma omp simd reduction(+ : bias)
+            for (int64_t i = 0; i < n; i++) {
+                const float grad_logit = w[i] * (gp[i] - mean[i]); /* 0 where there is no neighbour (w = 0) */
+                const float pre = dst[i] + src[q[i]];
+                const float grad_pre = pre > 0.0f ? grad_logit : 0.2f * grad_logit;
+                gp[i] = grad_pre;
+                grad_dst[i] += grad_pre;
+                bias += grad_logit;
+            }
+            bias_sum[k] += bias;
+        }
+        /* per cell: what its readers send back to its value and its src column */
+        for (int64_t i = 0; i < n; i++) {
+            float *restrict grad_value = a->grad_value + (b * n + i) * c;
+            for (int64_t j = 0; j < c; j++) grad_value[j] = 0.0f;
+            float grad_src = 0.0f;
+            for (int64_t k = 0; k < kk; k++) {
+                const int32_t r = a->readers[i * kk + k];
+                if (r < 0) continue;
+                const int64_t at = (k * a->batch + b) * n + r;
+                const float w = a->attn[at];
+                const float *restrict gm = gm_base + (int64_t)r * c;
+                for (int64_t j = 0; j < c; j++) grad_value[j] += w * gm[j];
+                grad_src += a->grad_pre[at];
+            }
+            grad_score[i * gs + c] = grad_dst[i];
+            grad_score[i * gs + c + 1] = grad_src;
+        }
+    }
+    for (int64_t k = 0; k < kk; k++) a->grad_bias_partial[(int64_t)thread * kk + k] = bias_sum[k];
+}
+
+/* -1 (nothing done) past MAX_OFFSETS offsets. */
+int cnn3d_functional_forward(const float *score, int64_t score_stride, const float *value, int64_t value_stride,
+                             const float *bias, const int32_t *read, const int32_t *read_t, float *scratch,
+                             float *out, float *attn, float *message, int64_t k, int64_t batch, int64_t n, int64_t c,
+                             int threads) {
+    if (k > MAX_OFFSETS) return -1;
+    functional_args a = {score, value, bias, NULL, NULL, NULL, out, attn, message, NULL, NULL, NULL, NULL, NULL,
+                         read, NULL, read_t, scratch, score_stride, value_stride, k, batch, n, c};
+    return parallel_over_batch(functional_forward_chunk, &a, batch, threads);
+}
+
+/* grad_score [B, N, C+2] (gate, dst, src), grad_value [B, N, C] and grad_bias_partial [threads, K]
+ * (the caller sums it) are fully written; grad_message [B, N, C] and grad_pre [K, B, N] are scratch. */
+int cnn3d_functional_backward(const float *score, int64_t score_stride, const float *value, int64_t value_stride,
+                              const float *attn, const float *message, const float *grad_out,
+                              const int32_t *read, const int32_t *readers, const int32_t *read_t, float *scratch,
+                              float *grad_score, float *grad_value, double *grad_bias_partial, float *grad_message,
+                              float *grad_pre, int64_t k, int64_t batch, int64_t n, int64_t c, int threads) {
+    if (k > MAX_OFFSETS) return -1;
+    functional_args a = {score, value, NULL, attn, message, grad_out, NULL, NULL, NULL, grad_score, grad_value,
+                         grad_message, grad_pre, grad_bias_partial, read, readers, read_t, scratch, score_stride,
+                         value_stride, k, batch, n, c};
+    return parallel_over_batch(functional_backward_chunk, &a, batch, threads);
 }

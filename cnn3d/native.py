@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-std=c11")
 MAX_LINKS = 256  # as in native.c
+MAX_OFFSETS = 256  # as in native.c
 MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weights' partial sums)
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -40,6 +41,8 @@ _SIGNATURES = {
     "cnn3d_update_forward": [_ptr] * 5 + [ctypes.c_float] + [_i64] * 4 + [_int],
     "cnn3d_update_backward": [_ptr] * 7 + [ctypes.c_float] + [_i64] * 4 + [_int],
     "cnn3d_vector_math": [],
+    "cnn3d_functional_forward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 7 + [_i64] * 4 + [_int],
+    "cnn3d_functional_backward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 12 + [_i64] * 4 + [_int],
 }
 
 
@@ -135,8 +138,9 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def neighbour_tables(dims: tuple[int, int, int], offsets, periodic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``read [N, K]``: the cell each cell reads through each offset (-1 past a zero border); ``readers``: its inverse.
+def neighbour_tables(dims: tuple[int, int, int], offsets, periodic: bool) -> tuple[torch.Tensor, ...]:
+    """``read [N, K]``: the cell each cell reads through each offset (-1 past a zero border); ``readers``: its inverse;
+    ``read_t [K, N]``: ``read`` transposed, "none" as N (for the kernels that gather over cells).
 
     Cells are numbered ``(z * H + y) * W + x``; int32, contiguous.
     """
@@ -153,7 +157,8 @@ def neighbour_tables(dims: tuple[int, int, int], offsets, periodic: bool) -> tup
         index = (at[..., 0] * h + at[..., 1]) * w + at[..., 2]
         return torch.where(inside, index, -1).to(torch.int32).contiguous()
 
-    return cells(grid + step), cells(grid - step)
+    read = cells(grid + step)
+    return read, cells(grid - step), torch.where(read < 0, n, read).t().contiguous()
 
 
 def mix_forward(value: torch.Tensor, weights: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
@@ -202,6 +207,56 @@ def update_backward(gates, outs, t, grad_new, rate: float, need_rows: bool, need
                                     _p(grad_rows), _p(grad_gates), (_ptr * len(outs))(*[_p(g) for g in grad_outs]),
                                     rate, len(outs), b, n, c, _threads())
     return grad_rows, grad_gates, grad_outs
+
+
+def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t [B, D, H, W, X]`` as rows the kernels can read in place: (tensor, floats from one cell to the next).
+
+    A column slice of a contiguous ``[B, D, H, W, P]`` tensor is read where it lies (row stride P);
+    anything else is copied to contiguous first.
+    """
+    stride, shape = t.stride(), t.shape
+    if stride[-1] == 1 and all(stride[i] == stride[i + 1] * shape[i + 1] for i in range(t.dim() - 2)):
+        return t, stride[-2]
+    return t.contiguous(), shape[-1]
+
+
+def functional_forward(score, value, bias, read, read_t):
+    """The functional expert (see ``native.c``): ``score [B, D, H, W, C+2]`` (gate, dst, src), ``value [B, D, H, W, C]``.
+
+    Returns (out, attn ``[K, B, N]``, message ``[B, N, C]``); out is ``[B, N, C]``.
+    """
+    (score, score_stride), (value, value_stride) = row_view(score), row_view(value)
+    b, c = value.shape[0], value.shape[-1]
+    n = value.numel() // (b * c)
+    k = read.shape[1]
+    out, message = value.new_empty(b, n, c), value.new_empty(b, n, c)
+    attn = value.new_empty(k, b, n)
+    threads = _threads()
+    scratch = value.new_empty(threads, 4 * (n + 1))
+    status = kernels().cnn3d_functional_forward(_p(score), score_stride, _p(value), value_stride, _p(bias), _p(read),
+                                                _p(read_t), _p(scratch), _p(out), _p(attn), _p(message), k, b, n, c,
+                                                threads)
+    if status < 0:
+        raise ValueError(f"{k} offsets; the kernel takes at most {MAX_OFFSETS}")
+    return out, attn, message
+
+
+def functional_backward(score, value, attn, message, grad_out, read, readers, read_t):
+    """Gradients of ``functional_forward``: (score ``[B, N, C+2]``, value ``[B, N, C]``, bias ``[K]``)."""
+    (score, score_stride), (value, value_stride) = row_view(score), row_view(value)
+    k, b, n = attn.shape
+    c = message.shape[-1]
+    grad_score, grad_value = value.new_empty(b, n, c + 2), value.new_empty(b, n, c)
+    partial = torch.zeros(MAX_THREADS, k, dtype=torch.float64)
+    scratch_message, scratch_pre = torch.empty_like(message), torch.empty_like(attn)
+    threads = _threads()
+    scratch = value.new_empty(threads, 4 * (n + 1))
+    kernels().cnn3d_functional_backward(_p(score), score_stride, _p(value), value_stride, _p(attn), _p(message),
+                                        _p(grad_out), _p(read), _p(readers), _p(read_t), _p(scratch),
+                                        _p(grad_score), _p(grad_value), _p(partial), _p(scratch_message),
+                                        _p(scratch_pre), k, b, n, c, threads)
+    return grad_score, grad_value, partial.sum(0).to(attn.dtype)
 
 
 def link_forward(flat: torch.Tensor, weights: torch.Tensor, links: torch.Tensor) -> torch.Tensor:

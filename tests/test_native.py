@@ -69,7 +69,8 @@ def test_neighbour_mix_matches_torch_outputs_and_gradients(case, threads):
 def test_neighbour_tables_are_inverse_of_each_other():
     offsets = axial_offsets(2)
     for periodic in (False, True):
-        read, readers = native.neighbour_tables((3, 4, 5), offsets, periodic)
+        read, readers, read_t = native.neighbour_tables((3, 4, 5), offsets, periodic)
+        assert torch.equal(read_t.t(), torch.where(read < 0, read.shape[0], read))
         for k in range(len(offsets)):
             for cell in range(read.shape[0]):
                 q = int(read[cell, k])
