@@ -101,6 +101,7 @@ def kernels() -> ctypes.CDLL | None:
 
 
 _reasons: list[str] = []
+_loaded: list[Path] = []
 
 
 def unavailable_reason() -> str | None:
@@ -114,11 +115,21 @@ def _load() -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
-    library = ctypes.CDLL(str(_build(compiler)))
+    path = _build(compiler)
+    library = ctypes.CDLL(str(path))
+    _loaded[:] = [path]
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, ctypes.c_int
     return library
+
+
+def describe() -> str:
+    """One line for logs: which step the CPU runs, and why not the kernels when it cannot."""
+    if kernels() is None:
+        return f"torch ops only ({unavailable_reason()})"
+    tanh = "vector" if vector_math() else "scalar, so the update and the functional expert stay in torch ops"
+    return f"native kernels ({_loaded[0]}; {tanh} exp/tanh)"
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from . import native
 from .analysis import CubeResponses, EmergenceNulls, emergence_values, emergence_with_nulls, null_metric_names
 from .cache import EmbeddingCache, embed_with_cache
 from .checkpoint import (
@@ -387,6 +388,10 @@ class _Loop:
     extra_loss: Callable[[LatticeStudent], torch.Tensor] | None = None  # added to every batch's loss (continual EWC)
     # the loss of one micro-batch from its row indices, replacing the student on ``source[idx]`` (several teachers)
     batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.device.type == "cpu":  # once per run, after its inputs were checked
+            logger.info("lattice step: %s", native.describe())
 
 
 def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, data) -> TrainResult:

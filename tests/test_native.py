@@ -188,9 +188,11 @@ def test_without_a_compiler_the_step_runs_in_torch_ops(tmp_path):
         model = build_model(with_overrides(Config(), {"lattice.size": 4, "lattice.steps": 2}), 24)
         model(torch.randn(2, 24)).embedding.sum().backward()
         print(native.kernels() is None, native.unavailable_reason())
+        print(native.describe())
     """, {"CC": str(tmp_path / "no-such-compiler"), "CNN3D_KERNEL_DIR": str(tmp_path / "kernels")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("True RuntimeError: no C compiler"), result.stdout
+    assert result.stdout.splitlines()[1].startswith("torch ops only (RuntimeError: no C compiler")
     assert not (tmp_path / "kernels").exists()
 
 
