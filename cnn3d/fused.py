@@ -129,23 +129,23 @@ class NativeFunctional(torch.autograd.Function):
     ``score [B, D, H, W, C+2]`` (the gate's C columns, then dst and src), ``value [B, D, H, W, C]``
     (both may be column slices of the step's projection: read in place), ``bias [K]`` (the
     offsets' bias), ``tables`` = ``native.neighbour_tables`` -> ``[B, D, H, W, C]``. Saves the
-    attention ``[K, B, N]`` and the message for the backward; ``_functional`` is the same maths
+    attention ``[K, B, N]`` for the backward (which recomputes the message); ``_functional`` is the same maths
     in torch ops.
     """
 
     @staticmethod
     def forward(ctx, score, value, bias, tables):
-        out, attn, message = native.functional_forward(score, value, bias.contiguous(), tables[0], tables[2])
-        ctx.save_for_backward(score, value, attn, message)
+        out, attn = native.functional_forward(score, value, bias.contiguous(), tables[0], tables[2])
+        ctx.save_for_backward(score, value, attn)
         ctx.tables = tables
         return out.view(value.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        score, value, attn, message = ctx.saved_tensors
+        score, value, attn = ctx.saved_tensors
         b, c = value.shape[0], value.shape[-1]
         grad_score, grad_value, grad_bias = native.functional_backward(
-            score, value, attn, message, grad_out.contiguous().view(b, -1, c), *ctx.tables)
+            score, value, attn, grad_out.contiguous().view(b, -1, c), *ctx.tables)
         return grad_score.view(score.shape), grad_value.view(value.shape), grad_bias, None
 
 

@@ -311,19 +311,22 @@ int cnn3d_update_backward(const float *gates, const float *const *outs, const fl
  *   out[i]   = sigmoid(gate[i, :]) * message
  * gate (C columns), dst and src (one column each) are consecutive columns of `score` rows of
  * `score_stride` floats; `value` rows are `value_stride` floats apart (both are column slices of
- * the step's one projection, read in place). The forward keeps attn [K, B, N] and the message
- * [B, N, C] for the backward.
+ * the step's one projection, read in place). The forward keeps attn [K, B, N] for the backward.
  */
 #define MAX_OFFSETS 256
 
 typedef struct {
-    const float *score, *value, *bias, *attn, *message, *grad_out;
-    float *out, *attn_out, *message_out, *grad_score, *grad_value, *grad_message, *grad_pre;
+    const float *score, *value, *bias, *attn, *grad_out;
+    float *out, *attn_out, *grad_score, *grad_value;
     double *grad_bias_partial; /* [threads, K] */
     const int32_t *read, *readers, *read_t; /* read_t: read transposed, [K, N], "none" as N */
-    float *scratch;                         /* [threads, 4 * (N + 1)] */
+    float *scratch;                         /* [threads, functional_scratch(N, C, K)] */
     int64_t score_stride, value_stride, k, batch, n, c;
 } functional_args;
+
+/* floats of scratch each thread needs (the caller allocates threads x this) */
+int64_t cnn3d_functional_scratch(int64_t n, int64_t c, int64_t k) { return 4 * (n + 1) + 2 * c + n * c + k * n; }
+#define functional_scratch cnn3d_functional_scratch
 
 /* The attention of one sample, vectorised over cells (one offset at a time, as torch would, but
  * on a sample that stays in cache): logits [K, N] -> softmax weights in place. dst, src [N + 1];
@@ -371,14 +374,13 @@ static void score_columns(const functional_args *a, const float *score, float *d
 static void functional_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
     const functional_args *a = (const functional_args *)p;
     const int64_t n = a->n, c = a->c, kk = a->k, ss = a->score_stride, vs = a->value_stride;
-    float *scratch = a->scratch + (int64_t)thread * 4 * (n + 1);
-    float *dst = scratch, *src = dst + n + 1, *top = src + n + 1, *total = top + n + 1;
+    float *dst = a->scratch + (int64_t)thread * functional_scratch(n, c, kk);
+    float *src = dst + n + 1, *top = src + n + 1, *total = top + n + 1, *message = total + n + 1;
     for (int64_t b = b0; b < b1; b++) {
         const float *score = a->score + b * n * ss, *value = a->value + b * n * vs;
         score_columns(a, score, dst, src);
         attention(a, dst, src, a->read_t, a->attn_out, b, top, total);
         for (int64_t i = 0; i < n; i++) {
-            float *restrict message = a->message_out + (b * n + i) * c;
             for (int64_t j = 0; j < c; j++) message[j] = 0.0f;
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t q = a->read[i * kk + k];
@@ -398,45 +400,51 @@ static void functional_forward_chunk(const void *p, int64_t b0, int64_t b1, int 
 static void functional_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
     const functional_args *a = (const functional_args *)p;
     const int64_t n = a->n, c = a->c, kk = a->k, ss = a->score_stride, vs = a->value_stride, gs = c + 2;
-    float *scratch = a->scratch + (int64_t)thread * 4 * (n + 1);
-    float *dst = scratch, *src = dst + n + 1, *mean = src + n + 1, *grad_dst = mean + n + 1;
+    /* this thread's scratch, reused for each of its samples (so it stays in cache): the dst and src
+     * columns, two per-cell sums, one row of sigmoids and one of message, the message's gradient
+     * [N, C] and the logits' [K, N] */
+    float *dst = a->scratch + (int64_t)thread * functional_scratch(n, c, kk);
+    float *src = dst + n + 1, *mean = src + n + 1, *grad_dst = mean + n + 1, *sig = grad_dst + n + 1;
+    float *message = sig + c, *gm_base = message + c, *grad_pre = gm_base + n * c;
     double bias_sum[MAX_OFFSETS] = {0.0};
     for (int64_t b = b0; b < b1; b++) {
         const float *score = a->score + b * n * ss, *value = a->value + b * n * vs;
         float *grad_score = a->grad_score + b * n * gs;
-        float *gm_base = a->grad_message + b * n * c;
         score_columns(a, score, dst, src);
-        /* per cell: the gate's gradient, the message's, and d loss / d attn (kept in grad_pre) */
+        /* per cell: the message again (cheaper than keeping it), its gradient, the gate's, and
+         * d loss / d attn (into grad_pre) from one read of each neighbour's value */
         for (int64_t i = 0; i < n; i++) {
             const float *restrict gate = score + i * ss, *restrict g = a->grad_out + (b * n + i) * c;
-            const float *restrict message = a->message + (b * n + i) * c;
             float *restrict grad_gate = grad_score + i * gs, *restrict gm = gm_base + i * c;
 #pragma omp simd
             for (int64_t j = 0; j < c; j++) {
-                const float s = 1.0f / (1.0f + expf(-gate[j]));
-                grad_gate[j] = g[j] * message[j] * s * (1.0f - s);
-                gm[j] = g[j] * s;
+                sig[j] = 1.0f / (1.0f + expf(-gate[j]));
+                gm[j] = g[j] * sig[j];
+                message[j] = 0.0f;
             }
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t q = a->read[i * kk + k];
                 float dot = 0.0f;
                 if (q >= 0) {
+                    const float w = a->attn[(k * a->batch + b) * n + i];
                     const float *restrict v = value + (int64_t)q * vs;
+                    for (int64_t j = 0; j < c; j++) message[j] += w * v[j];
                     DOT(dot, v, gm, c);
                 }
-                a->grad_pre[(k * a->batch + b) * n + i] = dot;
+                grad_pre[k * n + i] = dot;
             }
+            for (int64_t j = 0; j < c; j++) grad_gate[j] = g[j] * message[j] * sig[j] * (1.0f - sig[j]);
         }
         /* over cells, one offset at a time: softmax and leaky_relu backward */
         for (int64_t i = 0; i < n; i++) mean[i] = 0.0f, grad_dst[i] = 0.0f;
         for (int64_t k = 0; k < kk; k++) {
-            const float *restrict w = a->attn + (k * a->batch + b) * n, *restrict ga = a->grad_pre + (k * a->batch + b) * n;
+            const float *restrict w = a->attn + (k * a->batch + b) * n, *restrict ga = grad_pre + k * n;
 #pragma omp simd
             for (int64_t i = 0; i < n; i++) mean[i] += w[i] * ga[i];
         }
         for (int64_t k = 0; k < kk; k++) {
             const float *restrict w = a->attn + (k * a->batch + b) * n;
-            float *restrict gp = a->grad_pre + (k * a->batch + b) * n;
+            float *restrict gp = grad_pre + k * n;
             const int32_t *restrict q = a->read_t + k * n;
             float bias = 0.0f;
 #pragma omp simd reduction(+ : bias)
@@ -458,11 +466,10 @@ static void functional_backward_chunk(const void *p, int64_t b0, int64_t b1, int
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t r = a->readers[i * kk + k];
                 if (r < 0) continue;
-                const int64_t at = (k * a->batch + b) * n + r;
-                const float w = a->attn[at];
+                const float w = a->attn[(k * a->batch + b) * n + r];
                 const float *restrict gm = gm_base + (int64_t)r * c;
                 for (int64_t j = 0; j < c; j++) grad_value[j] += w * gm[j];
-                grad_src += a->grad_pre[at];
+                grad_src += grad_pre[k * n + r];
             }
             grad_score[i * gs + c] = grad_dst[i];
             grad_score[i * gs + c + 1] = grad_src;
@@ -474,24 +481,22 @@ static void functional_backward_chunk(const void *p, int64_t b0, int64_t b1, int
 /* -1 (nothing done) past MAX_OFFSETS offsets. */
 int cnn3d_functional_forward(const float *score, int64_t score_stride, const float *value, int64_t value_stride,
                              const float *bias, const int32_t *read, const int32_t *read_t, float *scratch,
-                             float *out, float *attn, float *message, int64_t k, int64_t batch, int64_t n, int64_t c,
-                             int threads) {
+                             float *out, float *attn, int64_t k, int64_t batch, int64_t n, int64_t c, int threads) {
     if (k > MAX_OFFSETS) return -1;
-    functional_args a = {score, value, bias, NULL, NULL, NULL, out, attn, message, NULL, NULL, NULL, NULL, NULL,
+    functional_args a = {score, value, bias, NULL, NULL, out, attn, NULL, NULL, NULL,
                          read, NULL, read_t, scratch, score_stride, value_stride, k, batch, n, c};
     return parallel_over_batch(functional_forward_chunk, &a, batch, threads);
 }
 
 /* grad_score [B, N, C+2] (gate, dst, src), grad_value [B, N, C] and grad_bias_partial [threads, K]
- * (the caller sums it) are fully written; grad_message [B, N, C] and grad_pre [K, B, N] are scratch. */
+ * (the caller sums it) are fully written. */
 int cnn3d_functional_backward(const float *score, int64_t score_stride, const float *value, int64_t value_stride,
-                              const float *attn, const float *message, const float *grad_out,
-                              const int32_t *read, const int32_t *readers, const int32_t *read_t, float *scratch,
-                              float *grad_score, float *grad_value, double *grad_bias_partial, float *grad_message,
-                              float *grad_pre, int64_t k, int64_t batch, int64_t n, int64_t c, int threads) {
+                              const float *attn, const float *grad_out, const int32_t *read,
+                              const int32_t *readers, const int32_t *read_t, float *scratch, float *grad_score,
+                              float *grad_value, double *grad_bias_partial, int64_t k, int64_t batch, int64_t n,
+                              int64_t c, int threads) {
     if (k > MAX_OFFSETS) return -1;
-    functional_args a = {score, value, NULL, attn, message, grad_out, NULL, NULL, NULL, grad_score, grad_value,
-                         grad_message, grad_pre, grad_bias_partial, read, readers, read_t, scratch, score_stride,
-                         value_stride, k, batch, n, c};
+    functional_args a = {score, value, NULL, attn, grad_out, NULL, NULL, grad_score, grad_value, grad_bias_partial,
+                         read, readers, read_t, scratch, score_stride, value_stride, k, batch, n, c};
     return parallel_over_batch(functional_backward_chunk, &a, batch, threads);
 }

@@ -41,8 +41,9 @@ _SIGNATURES = {
     "cnn3d_update_forward": [_ptr] * 5 + [ctypes.c_float] + [_i64] * 4 + [_int],
     "cnn3d_update_backward": [_ptr] * 7 + [ctypes.c_float] + [_i64] * 4 + [_int],
     "cnn3d_vector_math": [],
-    "cnn3d_functional_forward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 7 + [_i64] * 4 + [_int],
-    "cnn3d_functional_backward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 12 + [_i64] * 4 + [_int],
+    "cnn3d_functional_forward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 6 + [_i64] * 4 + [_int],
+    "cnn3d_functional_backward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 9 + [_i64] * 4 + [_int],
+    "cnn3d_functional_scratch": [_i64] * 3,
 }
 
 
@@ -121,6 +122,7 @@ def _load() -> ctypes.CDLL:
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, ctypes.c_int
+    library.cnn3d_functional_scratch.restype = _i64
     return library
 
 
@@ -232,41 +234,40 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t.contiguous(), shape[-1]
 
 
+def _functional_scratch(value: torch.Tensor, n: int, c: int, k: int) -> tuple[torch.Tensor, int]:
+    threads = _threads()
+    return value.new_empty(threads, kernels().cnn3d_functional_scratch(n, c, k)), threads
+
+
 def functional_forward(score, value, bias, read, read_t):
     """The functional expert (see ``native.c``): ``score [B, D, H, W, C+2]`` (gate, dst, src), ``value [B, D, H, W, C]``.
 
-    Returns (out, attn ``[K, B, N]``, message ``[B, N, C]``); out is ``[B, N, C]``.
+    Returns (out ``[B, N, C]``, attn ``[K, B, N]``).
     """
     (score, score_stride), (value, value_stride) = row_view(score), row_view(value)
     b, c = value.shape[0], value.shape[-1]
     n = value.numel() // (b * c)
     k = read.shape[1]
-    out, message = value.new_empty(b, n, c), value.new_empty(b, n, c)
-    attn = value.new_empty(k, b, n)
-    threads = _threads()
-    scratch = value.new_empty(threads, 4 * (n + 1))
+    out, attn = value.new_empty(b, n, c), value.new_empty(k, b, n)
+    scratch, threads = _functional_scratch(value, n, c, k)
     status = kernels().cnn3d_functional_forward(_p(score), score_stride, _p(value), value_stride, _p(bias), _p(read),
-                                                _p(read_t), _p(scratch), _p(out), _p(attn), _p(message), k, b, n, c,
-                                                threads)
+                                                _p(read_t), _p(scratch), _p(out), _p(attn), k, b, n, c, threads)
     if status < 0:
         raise ValueError(f"{k} offsets; the kernel takes at most {MAX_OFFSETS}")
-    return out, attn, message
+    return out, attn
 
 
-def functional_backward(score, value, attn, message, grad_out, read, readers, read_t):
+def functional_backward(score, value, attn, grad_out, read, readers, read_t):
     """Gradients of ``functional_forward``: (score ``[B, N, C+2]``, value ``[B, N, C]``, bias ``[K]``)."""
     (score, score_stride), (value, value_stride) = row_view(score), row_view(value)
     k, b, n = attn.shape
-    c = message.shape[-1]
+    c = value.shape[-1]
     grad_score, grad_value = value.new_empty(b, n, c + 2), value.new_empty(b, n, c)
     partial = torch.zeros(MAX_THREADS, k, dtype=torch.float64)
-    scratch_message, scratch_pre = torch.empty_like(message), torch.empty_like(attn)
-    threads = _threads()
-    scratch = value.new_empty(threads, 4 * (n + 1))
-    kernels().cnn3d_functional_backward(_p(score), score_stride, _p(value), value_stride, _p(attn), _p(message),
-                                        _p(grad_out), _p(read), _p(readers), _p(read_t), _p(scratch),
-                                        _p(grad_score), _p(grad_value), _p(partial), _p(scratch_message),
-                                        _p(scratch_pre), k, b, n, c, threads)
+    scratch, threads = _functional_scratch(value, n, c, k)
+    kernels().cnn3d_functional_backward(_p(score), score_stride, _p(value), value_stride, _p(attn), _p(grad_out),
+                                        _p(read), _p(readers), _p(read_t), _p(scratch), _p(grad_score),
+                                        _p(grad_value), _p(partial), k, b, n, c, threads)
     return grad_score, grad_value, partial.sum(0).to(attn.dtype)
 
 
