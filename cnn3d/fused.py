@@ -409,7 +409,7 @@ def _functional(expert, rows, gate_score, value, use_native: bool = False) -> to
     # [K, 1, D, H, W], -inf outside the lattice; offset-first, so the softmax runs over a leading axis
     bias = expert.offset_bias.view(-1, 1, 1, 1, 1) + _mask_bias(expert, dims, rows)
     attn = (F.leaky_relu(dst + src_k, 0.2) + bias).softmax(dim=0).to(value.dtype)  # [K, B, D, H, W]
-    if use_native and value_k is None and native.usable(value, attn):
+    if use_native and value_k is None and len(offsets) <= native.MAX_OFFSETS and native.usable(value, attn):
         message = NativeNeighbourMix.apply(value, attn, _neighbour_tables(expert, dims))
     elif value_k is None:
         message = RowsNeighbourMix.apply(pad_rows(value, r, expert.boundary), attn, offsets, r)

@@ -34,6 +34,30 @@ int cnn3d_vector_math(void) { return VECTOR_MATH; }
 #define DOT(dot, x, y, n) \
     _Pragma("omp simd reduction(+ : dot)") for (int64_t j_ = 0; j_ < (n); j_++) dot += (x)[j_] * (y)[j_]
 
+/* out[0:c] = sum_t w[t] * rows[t][0:c]. Sixteen channels at a time in a register (an accumulator
+ * in memory would chain each row's adds through a store and a reload), the rest one by one. */
+static inline void weighted_sum(float *restrict out, const float *const *restrict rows, const float *restrict w,
+                                int64_t count, int64_t c) {
+    int64_t j0 = 0;
+    for (; j0 + 16 <= c; j0 += 16) {
+        float acc[16] = {0.0f};
+        for (int64_t t = 0; t < count; t++) {
+            const float *restrict r = rows[t] + j0;
+            const float wt = w[t];
+#pragma omp simd
+            for (int jj = 0; jj < 16; jj++) acc[jj] += wt * r[jj];
+        }
+        for (int jj = 0; jj < 16; jj++) out[j0 + jj] = acc[jj];
+    }
+    for (; j0 < c; j0++) {
+        float sum = 0.0f;
+        for (int64_t t = 0; t < count; t++) sum += w[t] * rows[t][j0];
+        out[j0] = sum;
+    }
+}
+
+#define MAX_TERMS 256 /* rows one weighted_sum may take: offsets, links or experts */
+
 typedef void (*batch_fn)(const void *args, int64_t b0, int64_t b1, int thread);
 
 /* Run fn over [0, batch) in contiguous chunks, one per OpenMP thread. The library links the
@@ -75,15 +99,16 @@ static void mix_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread)
     for (int64_t b = b0; b < b1; b++) {
         const float *base = a->value + b * n * c;
         for (int64_t i = 0; i < n; i++) {
-            float *restrict out = a->out + (b * n + i) * c;
-            for (int64_t j = 0; j < c; j++) out[j] = 0.0f;
+            const float *rows[MAX_TERMS];
+            float w[MAX_TERMS];
+            int64_t count = 0;
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t q = a->read[i * kk + k];
                 if (q < 0) continue;
-                const float wk = a->weights[(k * a->batch + b) * n + i];
-                const float *restrict src = base + (int64_t)q * c;
-                for (int64_t j = 0; j < c; j++) out[j] += wk * src[j];
+                w[count] = a->weights[(k * a->batch + b) * n + i];
+                rows[count++] = base + (int64_t)q * c;
             }
+            weighted_sum(a->out + (b * n + i) * c, rows, w, count, c);
         }
     }
 }
@@ -107,15 +132,16 @@ static void mix_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread
                     a->grad_weights[(k * a->batch + b) * n + i] = dot;
                 }
             if (a->grad_value) {
-                float *restrict dst = a->grad_value + (b * n + i) * c;
-                for (int64_t j = 0; j < c; j++) dst[j] = 0.0f;
+                const float *rows[MAX_TERMS];
+                float w[MAX_TERMS];
+                int64_t count = 0;
                 for (int64_t k = 0; k < kk; k++) {
                     const int32_t r = a->readers[i * kk + k];
                     if (r < 0) continue;
-                    const float wk = a->weights[(k * a->batch + b) * n + r];
-                    const float *restrict gr = grad_base + (int64_t)r * c;
-                    for (int64_t j = 0; j < c; j++) dst[j] += wk * gr[j];
+                    w[count] = a->weights[(k * a->batch + b) * n + r];
+                    rows[count++] = grad_base + (int64_t)r * c;
                 }
+                weighted_sum(a->grad_value + (b * n + i) * c, rows, w, count, c);
             }
         }
     }
@@ -123,14 +149,17 @@ static void mix_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread
 
 int cnn3d_mix_forward(const float *value, const float *weights, float *out, const int32_t *read, int64_t k,
                       int64_t batch, int64_t n, int64_t c, int threads) {
+    if (k > MAX_TERMS) return -1;
     mix_args a = {value, weights, NULL, out, NULL, NULL, read, NULL, k, batch, n, c};
     return parallel_over_batch(mix_forward_chunk, &a, batch, threads);
 }
 
-/* grad_value or grad_weights may be NULL (not wanted); each is fully written. */
+/* grad_value or grad_weights may be NULL (not wanted); each is fully written. -1 (nothing done) past
+ * MAX_TERMS offsets, as for the forward. */
 int cnn3d_mix_backward(const float *value, const float *weights, const float *grad_out, float *grad_value,
                        float *grad_weights, const int32_t *read, const int32_t *readers, int64_t k, int64_t batch,
                        int64_t n, int64_t c, int threads) {
+    if (k > MAX_TERMS) return -1;
     mix_args a = {value, weights, grad_out, NULL, grad_value, grad_weights, read, readers, k, batch, n, c};
     return parallel_over_batch(mix_backward_chunk, &a, batch, threads);
 }
@@ -139,7 +168,7 @@ int cnn3d_mix_backward(const float *value, const float *weights, const float *gr
  * out[b, n, :] = sum_l weights[l] * flat[b, links[n, l], :]
  * flat [B, N, C], links [N, L] (int64), weights [L], out [B, N, C].
  */
-#define MAX_LINKS 256
+#define MAX_LINKS MAX_TERMS
 
 typedef struct {
     const float *flat, *weights, *grad_out;
@@ -156,13 +185,9 @@ static void link_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread
     for (int64_t b = b0; b < b1; b++) {
         const float *base = a->flat + b * n * c;
         for (int64_t i = 0; i < n; i++) {
-            float *restrict out = a->out + (b * n + i) * c;
-            for (int64_t j = 0; j < c; j++) out[j] = 0.0f;
-            for (int64_t s = 0; s < l; s++) {
-                const float ws = a->weights[s];
-                const float *restrict src = base + a->links[i * l + s] * c;
-                for (int64_t j = 0; j < c; j++) out[j] += ws * src[j];
-            }
+            const float *rows[MAX_TERMS];
+            for (int64_t s = 0; s < l; s++) rows[s] = base + a->links[i * l + s] * c;
+            weighted_sum(a->out + (b * n + i) * c, rows, a->weights, l, c);
         }
     }
 }
@@ -221,7 +246,7 @@ int cnn3d_link_backward(const float *flat, const float *weights, const float *gr
  * rows and each of the E expert outputs [B, N, C], gates [E, B, N]. The forward also keeps
  * t = tanh(...) [B, N, C] for the backward, which needs nothing else of the sum.
  */
-#define MAX_EXPERTS 16
+#define MAX_EXPERTS 16 /* <= MAX_TERMS */
 
 typedef struct {
     const float *rows, *gates, *t, *grad_new;
@@ -240,12 +265,13 @@ static void update_forward_chunk(const void *p, int64_t b0, int64_t b1, int thre
     for (int64_t b = b0; b < b1; b++)
         for (int64_t i = 0; i < n; i++) {
             const int64_t at = (b * n + i) * c;
-            for (int64_t j = 0; j < c; j++) message[j] = 0.0f;
+            const float *terms[MAX_EXPERTS];
+            float w[MAX_EXPERTS];
             for (int64_t e = 0; e < a->e; e++) {
-                const float g = a->gates[(e * a->batch + b) * n + i];
-                const float *restrict out = a->outs[e] + at;
-                for (int64_t j = 0; j < c; j++) message[j] += g * out[j];
+                w[e] = a->gates[(e * a->batch + b) * n + i];
+                terms[e] = a->outs[e] + at;
             }
+            weighted_sum(message, terms, w, a->e, c);
             const float *restrict rows = a->rows + at;
             float *restrict t = a->t_out + at, *restrict next = a->new_rows + at;
 #pragma omp simd
@@ -313,7 +339,7 @@ int cnn3d_update_backward(const float *gates, const float *const *outs, const fl
  * `score_stride` floats; `value` rows are `value_stride` floats apart (both are column slices of
  * the step's one projection, read in place). The forward keeps attn [K, B, N] for the backward.
  */
-#define MAX_OFFSETS 256
+#define MAX_OFFSETS MAX_TERMS
 
 typedef struct {
     const float *score, *value, *bias, *attn, *grad_out;
@@ -381,14 +407,16 @@ static void functional_forward_chunk(const void *p, int64_t b0, int64_t b1, int 
         score_columns(a, score, dst, src);
         attention(a, dst, src, a->read_t, a->attn_out, b, top, total);
         for (int64_t i = 0; i < n; i++) {
-            for (int64_t j = 0; j < c; j++) message[j] = 0.0f;
+            const float *rows[MAX_TERMS];
+            float w[MAX_TERMS];
+            int64_t count = 0;
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t q = a->read[i * kk + k];
                 if (q < 0) continue;
-                const float w = a->attn_out[(k * a->batch + b) * n + i];
-                const float *restrict v = value + (int64_t)q * vs;
-                for (int64_t j = 0; j < c; j++) message[j] += w * v[j];
+                w[count] = a->attn_out[(k * a->batch + b) * n + i];
+                rows[count++] = value + (int64_t)q * vs;
             }
+            weighted_sum(message, rows, w, count, c);
             const float *restrict gate = score + i * ss;
             float *restrict out = a->out + (b * n + i) * c;
 #pragma omp simd
@@ -420,19 +448,22 @@ static void functional_backward_chunk(const void *p, int64_t b0, int64_t b1, int
             for (int64_t j = 0; j < c; j++) {
                 sig[j] = 1.0f / (1.0f + expf(-gate[j]));
                 gm[j] = g[j] * sig[j];
-                message[j] = 0.0f;
             }
+            const float *rows[MAX_TERMS];
+            float w[MAX_TERMS];
+            int64_t count = 0;
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t q = a->read[i * kk + k];
                 float dot = 0.0f;
                 if (q >= 0) {
-                    const float w = a->attn[(k * a->batch + b) * n + i];
                     const float *restrict v = value + (int64_t)q * vs;
-                    for (int64_t j = 0; j < c; j++) message[j] += w * v[j];
                     DOT(dot, v, gm, c);
+                    w[count] = a->attn[(k * a->batch + b) * n + i];
+                    rows[count++] = v;
                 }
                 grad_pre[k * n + i] = dot;
             }
+            weighted_sum(message, rows, w, count, c);
             for (int64_t j = 0; j < c; j++) grad_gate[j] = g[j] * message[j] * sig[j] * (1.0f - sig[j]);
         }
         /* over cells, one offset at a time: softmax and leaky_relu backward */
@@ -460,17 +491,18 @@ static void functional_backward_chunk(const void *p, int64_t b0, int64_t b1, int
         }
         /* per cell: what its readers send back to its value and its src column */
         for (int64_t i = 0; i < n; i++) {
-            float *restrict grad_value = a->grad_value + (b * n + i) * c;
-            for (int64_t j = 0; j < c; j++) grad_value[j] = 0.0f;
+            const float *rows[MAX_TERMS];
+            float w[MAX_TERMS];
+            int64_t count = 0;
             float grad_src = 0.0f;
             for (int64_t k = 0; k < kk; k++) {
                 const int32_t r = a->readers[i * kk + k];
                 if (r < 0) continue;
-                const float w = a->attn[(k * a->batch + b) * n + r];
-                const float *restrict gm = gm_base + (int64_t)r * c;
-                for (int64_t j = 0; j < c; j++) grad_value[j] += w * gm[j];
+                w[count] = a->attn[(k * a->batch + b) * n + r];
+                rows[count++] = gm_base + (int64_t)r * c;
                 grad_src += grad_pre[k * n + r];
             }
+            weighted_sum(a->grad_value + (b * n + i) * c, rows, w, count, c);
             grad_score[i * gs + c] = grad_dst[i];
             grad_score[i * gs + c + 1] = grad_src;
         }

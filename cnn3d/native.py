@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
+         # sums may be reassociated (vector tree reductions; without it a 16-float dot product ends in
+         # 16 dependent scalar adds): rounding differs like any BLAS, infinities and NaN are kept
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-std=c11")
 MAX_LINKS = 256  # as in native.c
 MAX_OFFSETS = 256  # as in native.c
 MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weights' partial sums)
