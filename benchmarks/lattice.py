@@ -88,7 +88,8 @@ def lattice_steps(size: int, batch: int, steps: int, device: torch.device, overr
     def variant(name):
         def run():
             model.fused = name != "reference"
-            model.processor.native = name != "fused-torch"  # fused-torch: the fused step in torch ops alone
+            # fused-torch (and the historical fused-prev): the fused step in torch ops alone
+            model.processor.native = name not in ("fused-torch", "fused-prev")
             if name == "fused-bf16":  # the fused step under bf16 autocast (train.precision=bf16)
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     model.processor.step_rows = eager_step
