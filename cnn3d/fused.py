@@ -96,33 +96,6 @@ class RowsNeighbourMix(torch.autograd.Function):
         return grad_padded, grad_weights, None, None
 
 
-class NativeNeighbourMix(torch.autograd.Function):
-    """``RowsNeighbourMix`` on the unpadded state through ``cnn3d/native.c`` (float32, CPU).
-
-    ``value [B, D, H, W, C]``, ``weights [K, B, D, H, W]`` -> ``[B, D, H, W, C]``; ``tables`` =
-    ``native.neighbour_tables`` of the lattice and offsets. One pass each way and no padded copy
-    of the state or of its gradient: past a zero border the table says "none", and the backward
-    gathers each cell's gradient from the cells that read it.
-    """
-
-    @staticmethod
-    def forward(ctx, value, weights, tables):
-        b, d, h, w, c = value.shape
-        value, weights = value.contiguous(), weights.contiguous()
-        ctx.save_for_backward(value, weights)
-        ctx.tables = tables
-        return native.mix_forward(value.view(b, -1, c), weights, tables[0]).view(b, d, h, w, c)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        value, weights = ctx.saved_tensors
-        b, d, h, w, c = value.shape
-        grad_value, grad_weights = native.mix_backward(
-            value.view(b, -1, c), weights, grad_out.contiguous().view(b, -1, c), *ctx.tables[:2],
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return None if grad_value is None else grad_value.view(b, d, h, w, c), grad_weights, None
-
-
 class NativeFunctional(torch.autograd.Function):
     """The whole functional expert through ``cnn3d/native.c`` (float32, CPU): attention, mix and gate in one pass.
 
@@ -409,9 +382,7 @@ def _functional(expert, rows, gate_score, value, use_native: bool = False) -> to
     # [K, 1, D, H, W], -inf outside the lattice; offset-first, so the softmax runs over a leading axis
     bias = expert.offset_bias.view(-1, 1, 1, 1, 1) + _mask_bias(expert, dims, rows)
     attn = (F.leaky_relu(dst + src_k, 0.2) + bias).softmax(dim=0).to(value.dtype)  # [K, B, D, H, W]
-    if use_native and value_k is None and len(offsets) <= native.MAX_OFFSETS and native.usable(value, attn):
-        message = NativeNeighbourMix.apply(value, attn, _neighbour_tables(expert, dims))
-    elif value_k is None:
+    if value_k is None:
         message = RowsNeighbourMix.apply(pad_rows(value, r, expert.boundary), attn, offsets, r)
     else:
         message = sum(v * attn[k].unsqueeze(-1) for k, v in enumerate(value_k))

@@ -1,22 +1,26 @@
-/* Hand-written CPU kernels for the two gather/scatter mixes of the fused lattice step.
+/* Hand-written CPU kernels for three parts of the fused lattice step (cnn3d/fused.py): the
+ * distant links' mix, the gated update, and the whole functional expert.
  *
  * Built on first use by cnn3d/native.py with the system C compiler and loaded through ctypes;
- * without a compiler the step runs the same maths as torch ops (cnn3d/fused.py). Each
- * kernel is one pass over the state where the torch formulation makes one per neighbour
- * (plus a zero-filled gradient and a copy per strided view).
+ * without a compiler the step runs the same maths as torch ops. Each kernel is one pass over
+ * the state forward and one back, where torch ops make one per neighbour or per expert (plus
+ * zero-filled gradients and copies of strided views).
  *
- * All tensors are float32 and contiguous. Work is split over the batch (each sample's
- * gradient buffer belongs to one thread, so scatters need no atomics); the caller passes
- * the thread count (torch's own intra-op setting).
+ * Tensors are float32; outputs are contiguous [B, N, C] rows (N cells, C channels). Work is
+ * split over the batch, one range of samples per thread, so scatters into a sample's own
+ * gradient need no atomics. The threads are OpenMP's: this library links the process's
+ * libgomp, which is torch's, so they are torch's intra-op threads, at the count the caller
+ * passes (torch's own setting).
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
-/* glibc's libmvec (2.35 and newer on x86-64) has vector tanhf and expf: declared so, the loops below call
- * it 8 or 16 lanes at a time (about 10x torch's own tanh on one AVX-512 core, BENCHMARKS.md).
- * Without it tanhf is scalar and slower than torch's, and the caller keeps torch's update. */
+/* glibc's libmvec (2.35 and newer on x86-64) has vector tanhf and expf: declared so, the loops below
+ * call them 8 or 16 lanes at a time (its tanhf ran about 10x torch's own tanh on one AVX-512 core).
+ * Without it they are scalar and slower than torch's ops, so the update and the functional expert
+ * stay in torch ops there (cnn3d_vector_math tells the caller). */
 #if defined(__x86_64__) && defined(__GLIBC__) && !defined(CNN3D_NO_MVEC) && \
     (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
 #pragma omp declare simd notinbranch
@@ -30,7 +34,8 @@ extern float expf(float);
 
 int cnn3d_vector_math(void) { return VECTOR_MATH; }
 
-/* dot += sum_j x[j] * y[j]: a simd reduction (C alone may not reorder the float sum, so it would not vectorise) */
+/* dot += sum_j x[j] * y[j] as a vector reduction, ending in a tree because the build allows sums to be
+ * reassociated (without that, 16 dependent scalar adds) */
 #define DOT(dot, x, y, n) \
     _Pragma("omp simd reduction(+ : dot)") for (int64_t j_ = 0; j_ < (n); j_++) dot += (x)[j_] * (y)[j_]
 
@@ -60,9 +65,8 @@ static inline void weighted_sum(float *restrict out, const float *const *restric
 
 typedef void (*batch_fn)(const void *args, int64_t b0, int64_t b1, int thread);
 
-/* Run fn over [0, batch) in contiguous chunks, one per OpenMP thread. The library links the
- * process's libgomp (torch's own), so these are torch's intra-op threads, at torch's count:
- * a second pool would fight torch's spinning workers for the cores. Returns the chunks used. */
+/* Run fn over [0, batch) in contiguous chunks, one per OpenMP thread (torch's own pool: a second
+ * pool of threads would fight torch's spinning workers for the cores). Returns the chunks used. */
 static int parallel_over_batch(batch_fn fn, const void *args, int64_t batch, int threads) {
     if (threads < 1) threads = 1;
     if (threads > batch) threads = (int)batch;
@@ -76,92 +80,6 @@ static int parallel_over_batch(batch_fn fn, const void *args, int64_t batch, int
         fn(args, batch * t / used, batch * (t + 1) / used, t);
     }
     return threads;
-}
-
-/* ------------------------------------------------------------------ neighbour mix
- * out[b, p, :] = sum_k weights[k, b, p] * value[b, read[p, k], :]
- * value [B, N, C] (N cells), weights [K, B, N], out [B, N, C]; read [N, K] is the cell that p
- * reads through offset k, or -1 past a zero border. readers [N, K] is its inverse: the cell
- * that reads q through offset k, or -1. With it the backward gathers each cell's gradient
- * from its readers, writing every gradient once (no zero fill, no scatter between threads).
- */
-typedef struct {
-    const float *value, *weights, *grad_out;
-    float *out, *grad_value, *grad_weights;
-    const int32_t *read, *readers;
-    int64_t k, batch, n, c;
-} mix_args;
-
-static void mix_forward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
-    const mix_args *a = (const mix_args *)p;
-    (void)thread;
-    const int64_t n = a->n, c = a->c, kk = a->k;
-    for (int64_t b = b0; b < b1; b++) {
-        const float *base = a->value + b * n * c;
-        for (int64_t i = 0; i < n; i++) {
-            const float *rows[MAX_TERMS];
-            float w[MAX_TERMS];
-            int64_t count = 0;
-            for (int64_t k = 0; k < kk; k++) {
-                const int32_t q = a->read[i * kk + k];
-                if (q < 0) continue;
-                w[count] = a->weights[(k * a->batch + b) * n + i];
-                rows[count++] = base + (int64_t)q * c;
-            }
-            weighted_sum(a->out + (b * n + i) * c, rows, w, count, c);
-        }
-    }
-}
-
-static void mix_backward_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
-    const mix_args *a = (const mix_args *)p;
-    (void)thread;
-    const int64_t n = a->n, c = a->c, kk = a->k;
-    for (int64_t b = b0; b < b1; b++) {
-        const float *base = a->value + b * n * c, *grad_base = a->grad_out + b * n * c;
-        for (int64_t i = 0; i < n; i++) {
-            const float *restrict g = grad_base + i * c;
-            if (a->grad_weights) /* d out[p] / d weights[k, p] = value[read[p, k]] */
-                for (int64_t k = 0; k < kk; k++) {
-                    const int32_t q = a->read[i * kk + k];
-                    float dot = 0.0f;
-                    if (q >= 0) {
-                        const float *restrict src = base + (int64_t)q * c;
-                        DOT(dot, src, g, c);
-                    }
-                    a->grad_weights[(k * a->batch + b) * n + i] = dot;
-                }
-            if (a->grad_value) {
-                const float *rows[MAX_TERMS];
-                float w[MAX_TERMS];
-                int64_t count = 0;
-                for (int64_t k = 0; k < kk; k++) {
-                    const int32_t r = a->readers[i * kk + k];
-                    if (r < 0) continue;
-                    w[count] = a->weights[(k * a->batch + b) * n + r];
-                    rows[count++] = grad_base + (int64_t)r * c;
-                }
-                weighted_sum(a->grad_value + (b * n + i) * c, rows, w, count, c);
-            }
-        }
-    }
-}
-
-int cnn3d_mix_forward(const float *value, const float *weights, float *out, const int32_t *read, int64_t k,
-                      int64_t batch, int64_t n, int64_t c, int threads) {
-    if (k > MAX_TERMS) return -1;
-    mix_args a = {value, weights, NULL, out, NULL, NULL, read, NULL, k, batch, n, c};
-    return parallel_over_batch(mix_forward_chunk, &a, batch, threads);
-}
-
-/* grad_value or grad_weights may be NULL (not wanted); each is fully written. -1 (nothing done) past
- * MAX_TERMS offsets, as for the forward. */
-int cnn3d_mix_backward(const float *value, const float *weights, const float *grad_out, float *grad_value,
-                       float *grad_weights, const int32_t *read, const int32_t *readers, int64_t k, int64_t batch,
-                       int64_t n, int64_t c, int threads) {
-    if (k > MAX_TERMS) return -1;
-    mix_args a = {value, weights, grad_out, NULL, grad_value, grad_weights, read, readers, k, batch, n, c};
-    return parallel_over_batch(mix_backward_chunk, &a, batch, threads);
 }
 
 /* ------------------------------------------------------------------ link mix

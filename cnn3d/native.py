@@ -37,8 +37,6 @@ MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weig
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "cnn3d_mix_forward": [_ptr] * 4 + [_i64] * 4 + [_int],
-    "cnn3d_mix_backward": [_ptr] * 7 + [_i64] * 4 + [_int],
     "cnn3d_link_forward": [_ptr] * 4 + [_i64] * 4 + [_int],
     "cnn3d_link_backward": [_ptr] * 6 + [_i64] * 4 + [_int],
     "cnn3d_update_forward": [_ptr] * 5 + [ctypes.c_float] + [_i64] * 4 + [_int],
@@ -175,24 +173,6 @@ def neighbour_tables(dims: tuple[int, int, int], offsets, periodic: bool) -> tup
 
     read = cells(grid + step)
     return read, cells(grid - step), torch.where(read < 0, n, read).t().contiguous()
-
-
-def mix_forward(value: torch.Tensor, weights: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-    """``value [B, N, C]``, ``weights [K, B, N]``, ``read [N, K]`` -> ``[B, N, C]`` (``out = sum_k w_k value[read_k]``)."""
-    b, n, c = value.shape
-    out = torch.empty_like(value)
-    kernels().cnn3d_mix_forward(_p(value), _p(weights), _p(out), _p(read), read.shape[1], b, n, c, _threads())
-    return out
-
-
-def mix_backward(value, weights, grad_out, read, readers, need_value: bool, need_weights: bool):
-    """Gradients of ``mix_forward`` with respect to ``value`` and ``weights`` (None where not needed)."""
-    b, n, c = value.shape
-    grad_value = torch.empty_like(value) if need_value else None
-    grad_weights = torch.empty_like(weights) if need_weights else None
-    kernels().cnn3d_mix_backward(_p(value), _p(weights), _p(grad_out), _p(grad_value), _p(grad_weights),
-                                 _p(read), _p(readers), read.shape[1], b, n, c, _threads())
-    return grad_value, grad_weights
 
 
 def vector_math() -> bool:
