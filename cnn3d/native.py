@@ -48,6 +48,10 @@ _SIGNATURES = {
 }
 
 
+class Unavailable(Exception):
+    """Why the kernels cannot be had here, in words (no compiler, build failed, switched off)."""
+
+
 def kernel_dir() -> Path:
     return Path(os.environ.get("CNN3D_KERNEL_DIR") or Path.home() / ".cache" / "cnn3d" / "kernels")
 
@@ -84,7 +88,8 @@ def _build(compiler: str) -> Path:
             if build.returncode == 0:
                 break
         else:
-            raise RuntimeError(f"{' '.join(command)} failed: {build.stderr.strip().splitlines()[-1:]}")
+            last = build.stderr.strip().splitlines()[-1:] or ["no message"]
+            raise Unavailable(f"{os.path.basename(compiler)} failed to build {SOURCE.name}: {last[0]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -97,7 +102,9 @@ def kernels() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they cannot be built here (why: ``unavailable_reason()``)."""
     try:
         return _load()
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+    except Unavailable as exc:
+        _reasons.append(str(exc))
+    except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a compiler that hangs, ...
         _reasons.append(f"{type(exc).__name__}: {exc}")
         return None
 
@@ -113,10 +120,10 @@ def unavailable_reason() -> str | None:
 
 def _load() -> ctypes.CDLL:
     if os.environ.get("CNN3D_NATIVE") == "0":
-        raise RuntimeError("disabled by CNN3D_NATIVE=0")
+        raise Unavailable("disabled by CNN3D_NATIVE=0")
     compiler = _compiler()
     if compiler is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
+        raise Unavailable(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
     path = _build(compiler)
     library = ctypes.CDLL(str(path))
     _loaded[:] = [path]

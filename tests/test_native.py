@@ -182,8 +182,8 @@ def test_without_a_compiler_the_step_runs_in_torch_ops(tmp_path):
         print(native.describe())
     """, {"CC": str(tmp_path / "no-such-compiler"), "CNN3D_KERNEL_DIR": str(tmp_path / "kernels")})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("True RuntimeError: no C compiler"), result.stdout
-    assert result.stdout.splitlines()[1].startswith("torch ops only (RuntimeError: no C compiler")
+    assert result.stdout.startswith("True no C compiler"), result.stdout
+    assert result.stdout.splitlines()[1].startswith("torch ops only (no C compiler")
     assert not (tmp_path / "kernels").exists()
 
 
@@ -202,4 +202,16 @@ def test_processes_building_at_once_all_load_one_library(tmp_path):
 def test_disabled_by_environment(tmp_path):
     result = _child("from cnn3d import native; print(native.kernels() is None, native.unavailable_reason())",
                     {"CNN3D_NATIVE": "0", "CNN3D_KERNEL_DIR": str(tmp_path)})
-    assert result.returncode == 0 and result.stdout.strip() == "True RuntimeError: disabled by CNN3D_NATIVE=0"
+    assert result.returncode == 0 and result.stdout.strip() == "True disabled by CNN3D_NATIVE=0"
+
+
+def test_a_failed_build_is_a_reason_not_a_crash(tmp_path):
+    """A compiler that rejects the source leaves the step in torch ops, with the compiler's last line as the reason."""
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 1.0; exit 0; }\necho 'native.c:1: error: no' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    result = _child("from cnn3d import native; print(native.kernels() is None); print(native.describe())",
+                    {"CC": str(compiler), "CNN3D_KERNEL_DIR": str(tmp_path / "kernels")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True", "torch ops only (cc failed to build native.c: native.c:1: error: no)"]
+    assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
