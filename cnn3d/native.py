@@ -81,9 +81,11 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        # with glibc's vector maths library, else without it (the tanh update then stays in torch)
-        for extra in (["-lmvec"], ["-DCNN3D_NO_MVEC"]):
-            command = [compiler, *FLAGS, str(SOURCE), "-o", tmp, *extra]
+        # with glibc's vector maths library, else without it (the update and the functional expert
+        # then stay in torch ops), else also without -march=native (a compiler that lacks it)
+        portable = [flag for flag in FLAGS if flag != "-march=native"]
+        for flags in ([*FLAGS, "-lmvec"], [*FLAGS, "-DCNN3D_NO_MVEC"], [*portable, "-DCNN3D_NO_MVEC"]):
+            command = [compiler, *flags, str(SOURCE), "-o", tmp]
             build = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if build.returncode == 0:
                 break
