@@ -84,8 +84,9 @@ def _build(compiler: str) -> Path:
         # with glibc's vector maths library, else without it (the update and the functional expert
         # then stay in torch ops), else also without -march=native (a compiler that lacks it)
         portable = [flag for flag in FLAGS if flag != "-march=native"]
-        for flags in ([*FLAGS, "-lmvec"], [*FLAGS, "-DCNN3D_NO_MVEC"], [*portable, "-DCNN3D_NO_MVEC"]):
-            command = [compiler, *flags, str(SOURCE), "-o", tmp]
+        for flags, libraries in ((FLAGS, ["-lmvec"]), ([*FLAGS, "-DCNN3D_NO_MVEC"], []),
+                                 ([*portable, "-DCNN3D_NO_MVEC"], [])):
+            command = [compiler, *flags, str(SOURCE), "-o", tmp, *libraries]  # libraries after the source
             build = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if build.returncode == 0:
                 break
@@ -127,7 +128,11 @@ def _load() -> ctypes.CDLL:
     if compiler is None:
         raise Unavailable(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
     path = _build(compiler)
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError:  # a cached library that does not load (truncated, or a broken build): build it again, once
+        path.unlink(missing_ok=True)
+        library = ctypes.CDLL(str(_build(compiler)))
     _loaded[:] = [path]
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)

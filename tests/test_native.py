@@ -215,3 +215,15 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["True", "torch ops only (cc failed to build native.c: native.c:1: error: no)"]
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
+
+
+@needs_kernels
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
+    """A truncated file under the cache's name (a disk that filled up, say) is replaced, not trusted."""
+    env = {"CNN3D_KERNEL_DIR": str(tmp_path)}
+    first = _child("from cnn3d import native; native.kernels(); print(native._loaded[0])", env)
+    library = tmp_path / first.stdout.strip().rsplit("/", 1)[-1]
+    library.write_bytes(library.read_bytes()[:100])
+    again = _child("from cnn3d import native; print(native.describe())", env)
+    assert again.returncode == 0 and again.stdout.startswith("native kernels"), again.stdout + again.stderr
+    assert library.stat().st_size > 100
