@@ -70,6 +70,15 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
+def _loads(path: str) -> bool:
+    """Whether a fresh build loads (a library can link and still miss a symbol at load time)."""
+    try:
+        ctypes.CDLL(path)
+        return True
+    except OSError:
+        return False
+
+
 def _build(compiler: str) -> Path:
     """Compile ``native.c`` into the kernel folder (atomically: concurrent builders each rename their own)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -88,7 +97,7 @@ def _build(compiler: str) -> Path:
                                  ([*portable, "-DCNN3D_NO_MVEC"], [])):
             command = [compiler, *flags, str(SOURCE), "-o", tmp, *libraries]  # libraries after the source
             build = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if build.returncode == 0:
+            if build.returncode == 0 and _loads(tmp):
                 break
         else:
             last = build.stderr.strip().splitlines()[-1:] or ["no message"]

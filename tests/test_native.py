@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -227,3 +228,17 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
     again = _child("from cnn3d import native; print(native.describe())", env)
     assert again.returncode == 0 and again.stdout.startswith("native kernels"), again.stdout + again.stderr
     assert library.stat().st_size > 100
+
+
+def test_kernels_load_wherever_a_compiler_exists():
+    """Guards the skips above: where cc exists (as in CI), the kernels must build and load, not quietly step aside."""
+    if native._compiler() is None or os.environ.get("CNN3D_NATIVE") == "0":
+        pytest.skip("no C compiler here, or the kernels are switched off")
+    assert native.kernels() is not None, native.unavailable_reason()
+    if sys.platform == "linux" and platform.machine() == "x86_64" and _glibc() >= (2, 35):
+        assert native.vector_math(), "glibc has libmvec here: the vector exp/tanh should be in use"
+
+
+def _glibc() -> tuple[int, ...]:
+    name, version = platform.libc_ver()
+    return tuple(int(v) for v in version.split(".")[:2]) if name == "glibc" and version else (0,)
