@@ -254,6 +254,7 @@ def test_dockerfile_pins_cpu_torch_and_installs_the_project():
         assert re.search(rf"^COPY .*\b{folder} \./{folder}$", text, re.M), folder
     assert "whl/cu" in text, "the header shows how to build a CUDA image"
     assert re.search(r"^USER \w+", text, re.M), "the image runs as a non-root user"
+    assert re.search(r"apt-get install .*\bgcc\b", text), "a C compiler, for the lattice step's CPU kernels"
 
 
 # --------------------------------------------------------------------------- the MLflow command, natively
