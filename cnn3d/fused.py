@@ -423,9 +423,13 @@ def _distant(expert, value, use_native: bool = False) -> torch.Tensor:
     return torch.matmul(weights, partners).view(b, d, h, w, c)  # [B, N, links, C] -> [B, N, C]
 
 
-def fused_step(processor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step on ``rows [B, D, H, W, C]`` -> (new rows, gates ``[B, D, H, W, E]``)."""
-    weight, bias, names, widths = projection(processor)
+def fused_step(processor, rows: torch.Tensor, proj_params=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on ``rows [B, D, H, W, C]`` -> (new rows, gates ``[B, D, H, W, E]``).
+
+    ``proj_params``: ``projection(processor)``, when the caller built it once for all its steps (the
+    concatenation and its backward then happen once per forward, not once per step).
+    """
+    weight, bias, names, widths = proj_params if proj_params is not None else projection(processor)
     proj = F.linear(rows, weight, bias)  # [B, D, H, W, P]: every per-cell map of the state at once
     # one split, not slices: each slice's backward would zero and fill a whole [B, D, H, W, P] gradient
     columns = dict(zip(names, proj.split(widths, dim=-1)))

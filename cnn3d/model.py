@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
+from .fused import projection
 from .moe import MoEProcessor
 from .transform import EmbeddingTransformer
 
@@ -73,17 +74,17 @@ class LatticeStudent(nn.Module):
     def expert_names(self) -> tuple[str, ...]:
         return self.processor.expert_names
 
-    def _step(self, state: torch.Tensor, drive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, state: torch.Tensor, drive: torch.Tensor | None, proj_params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference step on ``[B, C, D, H, W]`` (the straightforward formulation, ``fused = False``)."""
         if drive is not None:  # add the lifted input to the front face only
             state = torch.cat([state[:, :, :1] + drive.unsqueeze(2), state[:, :, 1:]], dim=2)
         return self.processor.step(state)
 
-    def _step_rows(self, rows: torch.Tensor, drive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_rows(self, rows: torch.Tensor, drive: torch.Tensor | None, proj_params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused step on rows ``[B, D, H, W, C]``; ``drive [B, H, W, C]`` joins the front face ``z = 0``."""
         if drive is not None:
             rows = torch.cat([rows[:, :1] + drive.unsqueeze(1), rows[:, 1:]], dim=1)
-        return self.processor.step_rows(rows)
+        return self.processor.step_rows(rows, proj_params)
 
     def run_lattice(self, face_in: torch.Tensor, on_step=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``face_in [B, F, H, W]`` -> (final state, mean gates, mean |state|).
@@ -107,14 +108,17 @@ class LatticeStudent(nn.Module):
         else:
             state = face_in.new_zeros(b, self.state_size, d, h, w).contiguous(memory_format=torch.channels_last_3d)
             step = self._step
+        # the fused step's concatenated per-cell maps, built once for all steps (their gradient then
+        # accumulates in one [P, C] tensor and is split back to the experts' weights once)
+        proj_params = projection(self.processor) if self.fused else None
         gate_sum = None
         activity = face_in.new_zeros(())
         for t in range(self.steps):
             step_drive = drive if (t == 0 or self.inject_every_step) else None
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                state, gates = checkpoint(step, state, step_drive, use_reentrant=False)
+                state, gates = checkpoint(step, state, step_drive, proj_params, use_reentrant=False)
             else:
-                state, gates = step(state, step_drive)
+                state, gates = step(state, step_drive, proj_params)
             gate_sum = gates if gate_sum is None else gate_sum + gates
             activity = activity + state.abs().mean()
             if on_step is not None:

@@ -65,6 +65,6 @@ class MoEProcessor(nn.Module):
         new_state = (1 - self.update_rate) * state + self.update_rate * torch.tanh(message)
         return new_state, gates
 
-    def step_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_rows(self, rows: torch.Tensor, proj_params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The same step, fused, on rows ``[B, D, H, W, C]``; gates come back as ``[B, D, H, W, E]``."""
-        return fused_step(self, rows)
+        return fused_step(self, rows, proj_params)
