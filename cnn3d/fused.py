@@ -149,40 +149,43 @@ class ShiftStack(torch.autograd.Function):
 class Stencil(torch.autograd.Function):
     """A 3x3x3 convolution, stride 1, ``same`` size: ``x [B, C, D, H, W]`` (channels-last) -> same shape.
 
-    ``x`` comes already padded by one cell (zeros or wrapped). The forward is torch's own
-    convolution; the backward computes the input gradient as a forward convolution of the
-    (padded) output gradient with the flipped, transposed kernel — oneDNN's forward is about
-    4x faster than its data-gradient pass on these shapes — and only the weight and bias
-    gradients through ``convolution_backward``.
+    Zero borders are the convolution's own padding, so neither the input nor its gradient is ever
+    copied into a padded tensor; wrapped (``periodic``) borders pad circularly here. The forward is
+    torch's own convolution; the backward computes the input gradient as a forward convolution of
+    the output gradient with the flipped, transposed kernel — oneDNN's forward is about 4x faster
+    than its data-gradient pass on these shapes — and only the weight and bias gradients through
+    ``convolution_backward``.
     """
 
     @staticmethod
-    def forward(ctx, padded, weight, bias, boundary):
-        ctx.save_for_backward(padded, weight)
-        ctx.boundary = boundary
-        return F.conv3d(padded, weight, bias)
+    def forward(ctx, x, weight, bias, boundary):
+        if boundary == "periodic":
+            source, padding = F.pad(x, (1,) * 6, mode="circular"), 0
+        else:
+            source, padding = x, 1
+        ctx.save_for_backward(source, weight)
+        ctx.boundary, ctx.padding = boundary, padding
+        return F.conv3d(source, weight, bias, padding=padding)
 
     @staticmethod
     def backward(ctx, grad_out):
-        padded, weight = ctx.saved_tensors
+        source, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d)
-        grad_padded = grad_weight = grad_bias = None
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # adjoint of a correlation with zero (or wrapped) padding: the flipped kernel over the
-            # gradient padded the same way, giving the gradient of the unpadded input
+            # gradient padded the same way (for ``periodic`` the circular pad folds the wrapped
+            # margins back), giving the gradient of the unpadded input
             flipped = weight.flip(2, 3, 4).transpose(0, 1)
             if ctx.boundary == "periodic":
                 grad_x = F.conv3d(F.pad(grad_out, (1,) * 6, mode="circular"), flipped)
             else:
                 grad_x = F.conv3d(grad_out, flipped, padding=1)
-            # the padded input's gradient: the cells' gradient in the middle, 0 on the margins
-            # (for ``periodic`` the wrapped margins were already folded back by the circular pad)
-            grad_padded = F.pad(grad_x, (1,) * 6)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_out, padded, weight, [weight.shape[0]], [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1,
-                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
-        return grad_padded, grad_weight, grad_bias, None
+                grad_out, source, weight, [weight.shape[0]], [1, 1, 1], [ctx.padding] * 3, [1, 1, 1], False,
+                [0, 0, 0], 1, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _stencil_rows(expert, rows: torch.Tensor) -> torch.Tensor:
@@ -191,8 +194,7 @@ def _stencil_rows(expert, rows: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(rows.device.type):  # Stencil's backward assumes one dtype throughout
         return expert(state).permute(0, 2, 3, 4, 1)
     conv = expert.stencil
-    padded = F.pad(state, (1,) * 6, mode="circular" if expert_boundary(conv) == "periodic" else "constant")
-    out = Stencil.apply(padded, conv.weight, conv.bias, expert_boundary(conv))
+    out = Stencil.apply(state, conv.weight, conv.bias, expert_boundary(conv))
     if expert.mlp is not None:
         out = out + expert.mlp(state)
     return out.permute(0, 2, 3, 4, 1)
