@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--embed", action="store_true", help=argparse.SUPPRESS)  # older spelling: embed always runs now
     parser.add_argument("--cube-lr", type=float, nargs="*", default=[],
                         help="add an embed arm per value of train.transfer_lr_mult (the default arm uses the config's)")
+    parser.add_argument("--grow-cube-lr", type=float, nargs="*", default=[],
+                        help="add an embed growing arm per value of train.grow_lr_mult")
     parser.add_argument("--grow-only", action="store_true",
                         help="only scratch and the growing runs (one per face map kept): no transfer arms")
     parser.add_argument("--threads", type=int, default=1)
@@ -139,6 +141,10 @@ def main() -> None:
             for face in faces:
                 grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow, "train.transfer_face": face})
                 runs[f"grow {args.grow} {face}"] = curve(train(grow_cfg, data=data, progress=False).history)
+            for mult in args.grow_cube_lr:
+                grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow, "train.transfer_face": "embed",
+                                                       "train.grow_lr_mult": mult})
+                runs[f"grow {args.grow} embed cube lr x{mult:g}"] = curve(train(grow_cfg, data=data, progress=False).history)
         report(runs, ceiling, args)
 
 

@@ -230,6 +230,11 @@ class TrainConfig:
         0.3, "With train.init_from: learning-rate multiplier of the cube (gate and experts), which starts trained; the "
         "face maps, partly new, keep their own lr (docs/transfer.md).", low=0.01, high=1.0, log=True, tune=False,
     )
+    grow_lr_mult: float = param(
+        1.0, "With train.grow_schedule: learning-rate multiplier of the cube (gate and experts) after each growth step, "
+        "as train.transfer_lr_mult is for train.init_from; the face maps keep their own lr (docs/transfer.md).",
+        low=0.01, high=1.0, log=True, tune=False,
+    )
     new_teacher_epochs: int = param(
         1, "With train.init_from and teacher.extra naming teachers the checkpoint lacks: the first N main epochs train "
         "only their new maps (cube and other maps frozen), the rest train everything.", low=0, high=1000, tune=False,

@@ -167,9 +167,10 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
 
 
 def build_optimizer(model: torch.nn.Module, config: Config,
-                    trainable: Sequence[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
+                    trainable: Sequence[torch.nn.Parameter] | None = None, grown: bool = False) -> torch.optim.AdamW:
     """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``
-    (times ``train.transfer_lr_mult`` for the gate and experts of a run with ``train.init_from``).
+    (times ``train.transfer_lr_mult`` for the gate and experts of a run with ``train.init_from``, and
+    times ``train.grow_lr_mult`` for them once the cube has ``grown``).
 
     ``model`` has ``parameter_groups()`` (a ``LatticeStudent`` or a ``MultiTeacherStudent``);
     ``trainable``, when given, keeps only those parameters (a frozen-cube stage).
@@ -183,7 +184,7 @@ def build_optimizer(model: torch.nn.Module, config: Config,
         "distant": t.lr_mult_distant,
     }
     # a cube that starts trained (train.init_from) moves slower than its partly new face maps
-    cube = t.transfer_lr_mult if init_source(config) else 1.0
+    cube = (t.transfer_lr_mult if init_source(config) else 1.0) * (t.grow_lr_mult if grown else 1.0)
     groups = []
     keep = None if trainable is None else {id(p) for p in trainable}
     for name, params in model.parameter_groups().items():
@@ -463,7 +464,7 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:
     if stage.lattice.dims == loop.model.dims:
         return stage
     model, table = grow(loop.model, stage, loop.device)
-    optimizer = build_optimizer(model, stage)
+    optimizer = build_optimizer(model, stage, grown=True)
     carried = carry_optimizer_state(loop.optimizer, loop.model, optimizer, model)
     log_table(table)
     logger.info("grew the cube at epoch %d; optimiser moments carried for %d tensors", epoch + 1, carried)

@@ -1,5 +1,6 @@
 """Transfer between lattice sizes, growing during training, and the --init-from command line."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,19 @@ def test_a_transferred_cube_trains_at_transfer_lr_mult_of_its_face_maps(init_fro
     lrs = {g["name"]: g["lr"] for g in build_optimizer(build_model(config, 16), config).param_groups}
     assert lrs["transform"] == pytest.approx(1e-2)
     assert lrs["gating"] == pytest.approx(1e-2 * cube) and lrs["local"] == pytest.approx(2e-2 * cube)
+
+
+def test_a_grown_cube_trains_at_grow_lr_mult_of_its_face_maps(tiny, tmp_path):
+    """After a growth step the gate and experts move at ``train.grow_lr_mult`` of their lr; the face maps at theirs."""
+    config, data = tiny
+    grown = with_overrides(config, {"lattice.size": 6, "train.main_epochs": 2, "train.grow_schedule": "4x1",
+                                    "train.lr": 1e-2, "train.grow_lr_mult": 0.25, "train.scheduler": "constant"})
+    train(grown, data=data, out_dir=tmp_path / "run", progress=False)
+    groups = json.loads((tmp_path / "run" / "optimizer.json").read_text())["param_groups"]
+    lrs = {g["name"]: g["base_lr"] for g in groups}
+    assert lrs["transform"] == pytest.approx(1e-2)
+    assert lrs["gating"] == pytest.approx(2.5e-3) and lrs["local"] == pytest.approx(2.5e-3)
+    from cnn3d.train import build_optimizer  # before any growth: one lr for all
+
+    small = build_optimizer(build_model(grown, 16), grown)
+    assert {g["name"]: g["lr"] for g in small.param_groups}["gating"] == pytest.approx(1e-2)
