@@ -53,7 +53,13 @@ class Unavailable(Exception):
 
 
 def kernel_dir() -> Path:
-    return Path(os.environ.get("CNN3D_KERNEL_DIR") or Path.home() / ".cache" / "cnn3d" / "kernels")
+    """Where builds are kept: ``$CNN3D_KERNEL_DIR``, else ``~/.cache/cnn3d/kernels``."""
+    if os.environ.get("CNN3D_KERNEL_DIR"):
+        return Path(os.environ["CNN3D_KERNEL_DIR"])
+    try:
+        return Path.home() / ".cache" / "cnn3d" / "kernels"
+    except RuntimeError:  # no HOME and no passwd entry (some containers)
+        raise Unavailable("no home folder for the kernel cache; set CNN3D_KERNEL_DIR") from None
 
 
 def _cpu_identity() -> str:

@@ -242,3 +242,15 @@ def test_kernels_load_wherever_a_compiler_exists():
 def _glibc() -> tuple[int, ...]:
     name, version = platform.libc_ver()
     return tuple(int(v) for v in version.split(".")[:2]) if name == "glibc" and version else (0,)
+
+
+def test_without_a_home_folder_the_reason_says_where_to_build(tmp_path):
+    code = ("import os, pathlib\n"
+            "def no_home(): raise RuntimeError('Could not determine home directory.')\n"
+            "pathlib.Path.home = staticmethod(no_home)\n"
+            "from cnn3d import native\n"
+            "print(native.describe())")
+    env = {k: v for k, v in os.environ.items() if k != "CNN3D_KERNEL_DIR"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch ops only (no home folder for the kernel cache; set CNN3D_KERNEL_DIR)"
