@@ -102,8 +102,8 @@ class NativeFunctional(torch.autograd.Function):
     ``score [B, D, H, W, C+2]`` (the gate's C columns, then dst and src), ``value [B, D, H, W, C]``
     (both may be column slices of the step's projection: read in place), ``bias [K]`` (the
     offsets' bias), ``tables`` = ``native.neighbour_tables`` -> ``[B, D, H, W, C]``. Saves the
-    attention ``[K, B, N]`` for the backward (which recomputes the message); ``_functional`` is the same maths
-    in torch ops.
+    attention ``[K, B, N]`` for the backward, which recomputes the message; ``_functional`` is the
+    same maths in torch ops.
     """
 
     @staticmethod
@@ -391,7 +391,7 @@ def _functional(expert, rows, gate_score, value, use_native: bool = False) -> to
     return torch.sigmoid(gate) * message
 
 
-def _neighbour_tables(expert, dims) -> tuple[torch.Tensor, torch.Tensor]:
+def _neighbour_tables(expert, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``native.neighbour_tables`` of the functional expert at ``dims``, built once per expert and size."""
     cached = getattr(expert, "_native_tables", None)
     if cached is None or cached[0] != dims:
@@ -413,15 +413,13 @@ def _distant(expert, value, use_native: bool = False) -> torch.Tensor:
     """The distant expert on rows: the partners' projected states mixed by the link weights."""
     b, d, h, w, c = value.shape
     flat = value.reshape(b, d * h * w, c)
-    # a sparse matmul: no [B, N, links, C] partner copy (CPU sparse kernels exist for float32/64 only)
+    weights = expert.link_weight.softmax(0).to(value.dtype)  # [links]
     if use_native and expert.neighbours <= native.MAX_LINKS and native.usable(value):  # one gather pass (native.c)
-        weights = expert.link_weight.softmax(0).to(value.dtype)
         return NativeLinkMix.apply(flat, weights, _checked_links(expert, d * h * w)).view(b, d, h, w, c)
+    # a sparse matmul: no [B, N, links, C] partner copy (CPU sparse kernels exist for float32/64 only)
     if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
-        weights = expert.link_weight.softmax(0).to(value.dtype)
         return SparseLinkMix.apply(flat, weights, _link_csr(expert, value.device)).view(b, d, h, w, c)
     partners = flat.index_select(1, expert.links.view(-1)).view(b, d * h * w, expert.neighbours, c)
-    weights = expert.link_weight.softmax(0).to(value.dtype)  # [links]
     return torch.matmul(weights, partners).view(b, d, h, w, c)  # [B, N, links, C] -> [B, N, C]
 
 
@@ -447,8 +445,8 @@ def fused_step(processor, rows: torch.Tensor, proj_params=None) -> tuple[torch.T
                                     columns["functional_value"], processor.native))
         else:
             outs.append(_distant(expert, columns["distant_value"], processor.native))
-    if (processor.native and len(outs) <= 16 and rows.shape[-1] <= 512 and native.usable(rows, gates, *outs)
-            and native.vector_math()):
+    if (processor.native and len(outs) <= native.MAX_EXPERTS and rows.shape[-1] <= native.MAX_CHANNELS
+            and native.usable(rows, gates, *outs) and native.vector_math()):
         new_rows = GatedUpdate.apply(rows, gates, float(processor.update_rate), *outs)
     else:
         message = None

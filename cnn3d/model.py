@@ -75,7 +75,10 @@ class LatticeStudent(nn.Module):
         return self.processor.expert_names
 
     def _step(self, state: torch.Tensor, drive: torch.Tensor | None, proj_params=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference step on ``[B, C, D, H, W]`` (the straightforward formulation, ``fused = False``)."""
+        """Reference step on ``[B, C, D, H, W]`` (the straightforward formulation, ``fused = False``).
+
+        ``proj_params`` is the fused step's (the same call for both steps); the reference ignores it.
+        """
         if drive is not None:  # add the lifted input to the front face only
             state = torch.cat([state[:, :, :1] + drive.unsqueeze(2), state[:, :, 1:]], dim=2)
         return self.processor.step(state)

@@ -18,12 +18,9 @@ class MoEProcessor(nn.Module):
     is damped: ``s <- (1 - r) * s + r * tanh(sum_e g_e * expert_e(s))``.
     """
 
-    # the fused step's neighbour and link mixes through cnn3d/native.c on CPU, where it builds
-    # (False: torch ops only; the maths is the same, tests compare the two)
-    native: bool = True
-
-    # the fused step's neighbour and link mixes through cnn3d/native.c on CPU in float32, where it
-    # builds (False: torch ops only; the same maths, tests/test_native.py compares the two)
+    # the fused step's functional expert, distant links and gated update through cnn3d/native.c on
+    # CPU in float32, where it builds (False: torch ops only; the same maths, tests/test_native.py
+    # compares the two)
     native: bool = True
 
     def __init__(self, moe: MoEConfig, lattice: LatticeConfig):

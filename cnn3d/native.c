@@ -145,12 +145,13 @@ static void link_backward_chunk(const void *p, int64_t b0, int64_t b1, int threa
 
 int cnn3d_link_forward(const float *flat, const float *weights, float *out, const int64_t *links, int64_t batch,
                        int64_t n, int64_t l, int64_t c, int threads) {
+    if (l > MAX_LINKS) return -1;
     link_args a = {flat, weights, NULL, out, NULL, NULL, links, batch, n, l, c};
     return parallel_over_batch(link_forward_chunk, &a, batch, threads);
 }
 
-/* grad_weights_partial [threads, L] must come zeroed; the caller sums it over threads. -1 (nothing
- * done) past MAX_LINKS links. */
+/* grad_weights_partial [threads, L] must come zeroed; the caller sums it over threads. Both
+ * directions return -1 (nothing done) past MAX_LINKS links. */
 int cnn3d_link_backward(const float *flat, const float *weights, const float *grad_out, float *grad_flat,
                         double *grad_weights_partial, const int64_t *links, int64_t batch, int64_t n, int64_t l,
                         int64_t c, int threads) {
@@ -164,7 +165,8 @@ int cnn3d_link_backward(const float *flat, const float *weights, const float *gr
  * rows and each of the E expert outputs [B, N, C], gates [E, B, N]. The forward also keeps
  * t = tanh(...) [B, N, C] for the backward, which needs nothing else of the sum.
  */
-#define MAX_EXPERTS 16 /* <= MAX_TERMS */
+#define MAX_EXPERTS 16   /* <= MAX_TERMS */
+#define MAX_CHANNELS 512 /* the message rows on the stack */
 
 typedef struct {
     const float *rows, *gates, *t, *grad_new;
@@ -179,7 +181,7 @@ static void update_forward_chunk(const void *p, int64_t b0, int64_t b1, int thre
     const update_args *a = (const update_args *)p;
     (void)thread;
     const int64_t n = a->n, c = a->c;
-    float message[512];
+    float message[MAX_CHANNELS];
     for (int64_t b = b0; b < b1; b++)
         for (int64_t i = 0; i < n; i++) {
             const int64_t at = (b * n + i) * c;
@@ -204,7 +206,7 @@ static void update_backward_chunk(const void *p, int64_t b0, int64_t b1, int thr
     const update_args *a = (const update_args *)p;
     (void)thread;
     const int64_t n = a->n, c = a->c;
-    float grad_message[512];
+    float grad_message[MAX_CHANNELS];
     for (int64_t b = b0; b < b1; b++)
         for (int64_t i = 0; i < n; i++) {
             const int64_t at = (b * n + i) * c;
@@ -229,10 +231,10 @@ static void update_backward_chunk(const void *p, int64_t b0, int64_t b1, int thr
         }
 }
 
-/* Returns -1 (nothing done) past MAX_EXPERTS experts or 512 channels; the caller then uses torch ops. */
+/* Returns -1 (nothing done) past MAX_EXPERTS experts or MAX_CHANNELS channels. */
 int cnn3d_update_forward(const float *rows, const float *gates, const float *const *outs, float *new_rows, float *t,
                          float rate, int64_t e, int64_t batch, int64_t n, int64_t c, int threads) {
-    if (e > MAX_EXPERTS || c > 512) return -1;
+    if (e > MAX_EXPERTS || c > MAX_CHANNELS) return -1;
     update_args a = {rows, gates, NULL, NULL, outs, new_rows, t, NULL, NULL, NULL, e, batch, n, c, rate};
     return parallel_over_batch(update_forward_chunk, &a, batch, threads);
 }
@@ -241,7 +243,7 @@ int cnn3d_update_forward(const float *rows, const float *gates, const float *con
 int cnn3d_update_backward(const float *gates, const float *const *outs, const float *t, const float *grad_new,
                           float *grad_rows, float *grad_gates, float *const *grad_outs, float rate, int64_t e,
                           int64_t batch, int64_t n, int64_t c, int threads) {
-    if (e > MAX_EXPERTS || c > 512) return -1;
+    if (e > MAX_EXPERTS || c > MAX_CHANNELS) return -1;
     update_args a = {NULL, gates, t, grad_new, outs, NULL, NULL, grad_rows, grad_gates, grad_outs, e, batch, n, c, rate};
     return parallel_over_batch(update_backward_chunk, &a, batch, threads);
 }

@@ -33,6 +33,8 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-fno-math-errn
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-std=c11")
 MAX_LINKS = 256  # as in native.c
 MAX_OFFSETS = 256  # as in native.c
+MAX_EXPERTS = 16  # as in native.c
+MAX_CHANNELS = 512  # as in native.c
 MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weights' partial sums)
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -124,7 +126,7 @@ def kernels() -> ctypes.CDLL | None:
         _reasons.append(str(exc))
     except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a compiler that hangs, ...
         _reasons.append(f"{type(exc).__name__}: {exc}")
-        return None
+    return None
 
 
 _reasons: list[str] = []
@@ -212,14 +214,17 @@ def vector_math() -> bool:
 def update_forward(rows: torch.Tensor, gates: torch.Tensor, outs: list[torch.Tensor], rate: float):
     """``rows + rate * (tanh(sum_e gates[e] * outs[e]) - rows)`` -> (new rows, the tanh ``t``); all ``[B, N, C]``.
 
-    None when the kernel declines (more than 16 experts or 512 channels).
+    At most ``MAX_EXPERTS`` experts and ``MAX_CHANNELS`` channels (callers use torch ops past them).
     """
     b, n, c = rows.shape
     new_rows, t = torch.empty_like(rows), torch.empty_like(rows)
     pointers = (_ptr * len(outs))(*[_p(o) for o in outs])
     status = kernels().cnn3d_update_forward(_p(rows), _p(gates), pointers, _p(new_rows), _p(t), rate, len(outs),
                                             b, n, c, _threads())
-    return None if status < 0 else (new_rows, t)
+    if status < 0:
+        raise ValueError(f"{len(outs)} experts of {c} channels; the kernel takes at most {MAX_EXPERTS} of "
+                         f"{MAX_CHANNELS}")
+    return new_rows, t
 
 
 def update_backward(gates, outs, t, grad_new, rate: float, need_rows: bool, need_gates: bool, need_outs):
@@ -284,21 +289,26 @@ def functional_backward(score, value, attn, grad_out, read, readers, read_t):
 
 
 def link_forward(flat: torch.Tensor, weights: torch.Tensor, links: torch.Tensor) -> torch.Tensor:
-    """``flat [B, N, C]``, ``weights [L]``, ``links [N, L]`` -> ``[B, N, C]``."""
+    """``flat [B, N, C]``, ``weights [L]``, ``links [N, L]`` -> ``[B, N, C]`` (at most ``MAX_LINKS`` links)."""
     b, n, c = flat.shape
+    _check_links(links.shape[1])
     out = torch.empty_like(flat)
     kernels().cnn3d_link_forward(_p(flat), _p(weights), _p(out), _p(links), b, n, links.shape[1], c, _threads())
     return out
+
+
+def _check_links(num_links: int) -> None:
+    if num_links > MAX_LINKS:  # native.c's own bound: callers use torch ops past it
+        raise ValueError(f"{num_links} links per cell; the kernel takes at most {MAX_LINKS}")
 
 
 def link_backward(flat, weights, links, grad_out, need_flat: bool, need_weights: bool):
     """Gradients of ``link_forward`` with respect to ``flat`` and ``weights`` (None where not needed)."""
     b, n, c = flat.shape
     num_links = links.shape[1]
+    _check_links(num_links)
     grad_flat = torch.empty_like(flat) if need_flat else None
     partial = torch.zeros(MAX_THREADS, num_links, dtype=torch.float64) if need_weights else None
-    if num_links > MAX_LINKS:  # native.c's own bound: callers use torch ops past it
-        raise ValueError(f"{num_links} links per cell; the kernel takes at most {MAX_LINKS}")
     kernels().cnn3d_link_backward(_p(flat), _p(weights), _p(grad_out), _p(grad_flat), _p(partial), _p(links), b, n,
                                   num_links, c, _threads())
     return grad_flat, None if partial is None else partial.sum(0).to(weights.dtype)

@@ -391,7 +391,7 @@ class _Loop:
     batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
-        if self.device.type == "cpu":  # once per run, after its inputs were checked
+        if self.device.type == "cpu":  # once per loop (a run, or a continual stage), after its inputs were checked
             logger.info("lattice step: %s", native.describe())
 
 
