@@ -198,3 +198,27 @@ def test_the_model_takes_training_settings_explicitly(tiny):
     b = build_model(with_overrides(config, {"train.seed": 3}), data.teacher_dim)
     assert a.checkpointing and not b.checkpointing
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_untrained_cube_nulls_are_shared_by_runs_that_differ_only_in_training(tiny, monkeypatch):
+    """A dropout sweep's trials share one untrained cube: its nulls are run once, and come out the same."""
+    from cnn3d import analysis
+
+    config, data = tiny
+    config = with_overrides(config, {"train.main_epochs": 1})
+    data = replace(data, nulls={})  # this test's own memo (the fixture's data is shared)
+    builds = []
+    real_build = analysis.EmergenceNulls.build.__func__
+    monkeypatch.setattr(analysis.EmergenceNulls, "build",
+                        classmethod(lambda cls, *a, **k: builds.append(1) or real_build(cls, *a, **k)))
+    first = train(config, data=data, progress=False).metrics
+    dropped = train(with_overrides(config, {"transform.dropout": 0.3}), data=data, progress=False).metrics
+    assert len(builds) == 1  # the second run reused the first one's untrained cube
+    fresh = train(with_overrides(config, {"transform.dropout": 0.3}), data=replace(data, nulls={}), progress=False).metrics
+    assert len(builds) == 2
+    nulls = [k for k in first if "_null_" in k or k.endswith("_excess_std")]
+    assert nulls and all(dropped[k] == fresh[k] for k in nulls)  # reused nulls give the same figures as fresh ones
+    assert dropped["val_cosine"] != first["val_cosine"]  # dropout did change the training
+    train(with_overrides(config, {"lattice.steps": 3}), data=data, progress=False)  # another cube: run again
+    train(with_overrides(config, {"train.seed": 1}), data=data, progress=False)  # other weights: run again
+    assert len(builds) == 4
