@@ -6,8 +6,10 @@ channels-last ``[B, C, D, H, W]`` tensor, so the two are free views of each othe
 
 - every per-cell linear map that reads the state — the gate logits, the functional
   expert's update gate and two attention scores, the functional ``out`` map and the
-  distant ``out`` map — is one matmul ``[B*N, C] @ [C, P]``. ``out`` maps may move
-  before the mixing because the mixing weights sum to 1 (softmax), so
+  distant ``out`` map — is one concatenated ``[P, C]`` map of the state, built once per
+  forward (on CPU, ``Projection`` runs it as one matmul per part, so the backward has no
+  concatenation of the parts' gradients; elsewhere one ``[B*N, C] @ [C, P]`` and a split).
+  ``out`` maps may move before the mixing because the mixing weights sum to 1 (softmax), so
   ``W (sum_k a_k s_k) + b = sum_k a_k (W s_k + b)``;
 - the functional expert's neighbour mix reads shifted *views* of one padded buffer
   (``RowsNeighbourMix``, hand-written backward into one padded gradient);
@@ -353,6 +355,53 @@ def projection(processor) -> tuple[torch.Tensor, torch.Tensor, list[str], list[i
     return weight, bias, [name for name, _, _ in parts], [w.shape[0] for _, w, _ in parts]
 
 
+class Projection(torch.autograd.Function):
+    """The step's per-cell maps of the state as separate contiguous blocks (float32 CPU): no split, no concatenation.
+
+    ``rows [B, D, H, W, C]``, ``weight [P, C]`` and ``bias [P]`` (``projection``'s), ``widths`` (its parts'
+    widths, the gate's first) -> the gate logits ``[E, B, D, H, W]`` (experts first, as the softmax over a
+    leading axis wants, with no transposing copy), then every other part ``[B, D, H, W, width]``. One
+    ``[B, D, H, W, P]`` output split into parts would cost, in the backward, a concatenation of the parts'
+    gradients (a whole extra pass over ``P`` columns per step) and, for the distant links, a copy of its
+    columns; here each part is its own matmul and the backward accumulates the parts' products instead.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, widths):
+        c = rows.shape[-1]
+        flat = rows.reshape(-1, c)  # [B*N, C]
+        weights, biases = weight.split(widths), bias.split(widths)
+        gate = torch.addmm(biases[0].unsqueeze(1), weights[0], flat.t())  # [E, B*N]
+        parts = [torch.addmm(b, flat, w.t()) for w, b in zip(weights[1:], biases[1:])]  # [B*N, width] each
+        ctx.save_for_backward(flat, weight)
+        ctx.widths, ctx.shape = widths, rows.shape
+        return (gate.view(widths[0], *rows.shape[:-1]), *(p.view(*rows.shape[:-1], w) for p, w in zip(parts, widths[1:])))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat, weight = ctx.saved_tensors
+        widths = ctx.widths
+        weights = weight.split(widths)
+        grad_rows = flat.new_zeros(flat.shape)
+        grad_weight, grad_bias = [], []
+        for i, (grad, w, width) in enumerate(zip(grads, weights, widths)):
+            if grad is None:  # a part nothing read
+                grad_weight.append(w.new_zeros(w.shape))
+                grad_bias.append(w.new_zeros(width))
+                continue
+            if i == 0:  # the gate's [E, B*N]
+                g = grad.reshape(width, -1)
+                grad_rows.addmm_(g.t(), w)
+                grad_weight.append(g @ flat)
+                grad_bias.append(g.sum(1))
+            else:
+                g = grad.reshape(-1, width)
+                grad_rows.addmm_(g, w)
+                grad_weight.append(g.t() @ flat)
+                grad_bias.append(g.sum(0))
+        return grad_rows.view(ctx.shape), torch.cat(grad_weight), torch.cat(grad_bias), None
+
+
 def gate_weights_rows(logits: torch.Tensor, temperature: float, top_k: int, dim: int = -1) -> torch.Tensor:
     """Gate logits -> weights summing to 1 over the experts' axis ``dim`` (softmax, or renormalised top-k)."""
     weights = (logits / temperature).softmax(dim=dim)
@@ -430,12 +479,20 @@ def fused_step(processor, rows: torch.Tensor, proj_params=None) -> tuple[torch.T
     concatenation and its backward then happen once per forward, not once per step).
     """
     weight, bias, names, widths = proj_params if proj_params is not None else projection(processor)
-    proj = F.linear(rows, weight, bias)  # [B, D, H, W, P]: every per-cell map of the state at once
-    # one split, not slices: each slice's backward would zero and fill a whole [B, D, H, W, P] gradient
-    columns = dict(zip(names, proj.split(widths, dim=-1)))
+    # on CPU each part is its own matmul (Projection: 8-10 % of a training step at 8^3, BENCHMARKS.md); under
+    # autocast, and on GPUs (where the step may be compiled), one linear and a split
+    if rows.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        parts = Projection.apply(rows, weight, bias, tuple(widths))
+        columns = dict(zip(names, parts))
+        logits = columns["gate"]  # [E, B, D, H, W]
+    else:
+        proj = F.linear(rows, weight, bias)  # [B, D, H, W, P]: every per-cell map of the state at once
+        # one split, not slices: each slice's backward would zero and fill a whole [B, D, H, W, P] gradient
+        columns = dict(zip(names, proj.split(widths, dim=-1)))
+        logits = columns["gate"].movedim(-1, 0)
     # experts-first [E, B, D, H, W]: a softmax over a last axis of 2-3 is ~8x slower on CPU than over a
     # leading one, and each expert's weight gates[i] comes out contiguous for the mixing below
-    gates = gate_weights_rows(columns["gate"].movedim(-1, 0), processor.temperature, processor.top_k, dim=0)
+    gates = gate_weights_rows(logits, processor.temperature, processor.top_k, dim=0)
     outs = []
     for name, expert in processor.experts.items():
         if expert_kind(name) == "local":  # local2, ... (continual.new_expert) are local experts too

@@ -7,7 +7,7 @@ import torch
 
 from cnn3d import build_model, with_overrides
 from cnn3d.config import Config
-from cnn3d.fused import RowsNeighbourMix, ShiftStack, pad_rows
+from cnn3d.fused import Projection, RowsNeighbourMix, ShiftStack, pad_rows
 from cnn3d.lattice import axial_offsets, neighbour_stack
 
 TEACHER_DIM = 24
@@ -94,6 +94,23 @@ def test_rows_kernels_match_autograd_reference(boundary):
     scalar = values[..., 0].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda s: ShiftStack.apply(pad_rows(s.unsqueeze(-1), 2, boundary)[..., 0], offsets, 2),
                                     (scalar,))
+
+
+def test_projection_parts_are_one_linear_split_with_its_gradients():
+    """``Projection`` (each part its own matmul, the gate experts-first) against ``F.linear`` then a split."""
+    widths = (3, 8, 6, 6)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)  # [B, D, H, W, C]
+    weight = torch.randn(sum(widths), 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(sum(widths), dtype=torch.float64, generator=gen, requires_grad=True)
+    parts = Projection.apply(rows, weight, bias, widths)
+    reference = torch.nn.functional.linear(rows, weight, bias).split(widths, dim=-1)
+    assert torch.allclose(parts[0], reference[0].movedim(-1, 0))  # the gate comes experts-first
+    for part, ref in zip(parts[1:], reference[1:]):
+        assert part.shape == ref.shape and torch.allclose(part, ref)
+    assert torch.autograd.gradcheck(lambda r, w, b: Projection.apply(r, w, b, widths), (rows, weight, bias))
+    # a part nothing reads gets no gradient: the others' must still be right
+    assert torch.autograd.gradcheck(lambda r, w, b: Projection.apply(r, w, b, widths)[1:3], (rows, weight, bias))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
