@@ -356,7 +356,7 @@ def projection(processor) -> tuple[torch.Tensor, torch.Tensor, list[str], list[i
 
 
 class Projection(torch.autograd.Function):
-    """The step's per-cell maps of the state as separate contiguous blocks (float32 CPU): no split, no concatenation.
+    """The step's per-cell maps of the state as separate contiguous blocks (used on CPU): no split, no concatenation.
 
     ``rows [B, D, H, W, C]``, ``weight [P, C]`` and ``bias [P]`` (``projection``'s), ``widths`` (its parts'
     widths, the gate's first) -> the gate logits ``[E, B, D, H, W]`` (experts first, as the softmax over a
@@ -389,16 +389,11 @@ class Projection(torch.autograd.Function):
                 grad_weight.append(w.new_zeros(w.shape))
                 grad_bias.append(w.new_zeros(width))
                 continue
-            if i == 0:  # the gate's [E, B*N]
-                g = grad.reshape(width, -1)
-                grad_rows.addmm_(g.t(), w)
-                grad_weight.append(g @ flat)
-                grad_bias.append(g.sum(1))
-            else:
-                g = grad.reshape(-1, width)
-                grad_rows.addmm_(g, w)
-                grad_weight.append(g.t() @ flat)
-                grad_bias.append(g.sum(0))
+            # [B*N, width]; the gate's [E, B*N] as a transposed view (matmuls take it without a copy)
+            g = grad.reshape(width, -1).t() if i == 0 else grad.reshape(-1, width)
+            grad_rows.addmm_(g, w)
+            grad_weight.append(g.t() @ flat)
+            grad_bias.append(g.sum(0))
         return grad_rows.view(ctx.shape), torch.cat(grad_weight), torch.cat(grad_bias), None
 
 
@@ -479,7 +474,7 @@ def fused_step(processor, rows: torch.Tensor, proj_params=None) -> tuple[torch.T
     concatenation and its backward then happen once per forward, not once per step).
     """
     weight, bias, names, widths = proj_params if proj_params is not None else projection(processor)
-    # on CPU each part is its own matmul (Projection: 8-10 % of a training step at 8^3, BENCHMARKS.md); under
+    # on CPU each part is its own matmul (Projection: 5-10 % of a training step at 8^3, BENCHMARKS.md); under
     # autocast, and on GPUs (where the step may be compiled), one linear and a split
     if rows.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         parts = Projection.apply(rows, weight, bias, tuple(widths))
