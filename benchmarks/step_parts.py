@@ -111,7 +111,7 @@ def main() -> None:
     for (owner, name), value in originals.items():
         setattr(owner, name, value)
     base = statistics.median(times[args.arms[0]])
-    print(f"8^3-style step of config {dict(item.split('=', 1) for item in args.set) or 'test'}, batch {args.batch}, "
+    print(f"training step of config {dict(item.split('=', 1) for item in args.set) or 'test'}, batch {args.batch}, "
           f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps")
     print(f"{'arm':>14} {'median ms':>10} {'min ms':>8} {'vs ' + args.arms[0]:>10}")
     for arm, values in times.items():
