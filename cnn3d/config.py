@@ -221,8 +221,8 @@ class TrainConfig:
         "the face directions interpolation cannot reach, instead of zeros (docs/transfer.md).", tune=False,
     )
     transfer_face: Literal["stretch", "embed"] = param(
-        "embed", "Transfer to another face size (train.init_from, growing): 'embed' places the source face (and, at the "
-        "same depth, its distant links) unscaled in the centre, new cells fresh; 'stretch' interpolates it over the "
+        "embed", "Transfer to another face size (train.init_from, growing): 'embed' places the source face (and, when as "
+        "deep or deeper, its distant links) unscaled in the centre, new cells fresh; 'stretch' interpolates it over the "
         "new face (docs/transfer.md).",
         choices=("stretch", "embed"), tune=False,
     )
@@ -489,10 +489,9 @@ def validate(config: Config) -> None:
             f"train.grow_schedule={config.train.grow_schedule} uses {sum(e for _, e in stages)} of the "
             f"{config.total_epochs} epochs; leave at least one for lattice.size={config.lattice.size}"
         )
-    if config.teacher.extra and (config.train.warmup_epochs or config.train.fine_tune_epochs or stages
-                                 or config.data.domains):
+    if config.teacher.extra and (config.train.warmup_epochs or config.train.fine_tune_epochs or config.data.domains):
         raise ConfigError("teacher.extra (several teachers) trains train.main_epochs only: set train.warmup_epochs, "
-                          "train.fine_tune_epochs to 0, train.grow_schedule to none and leave data.domains empty")
+                          "train.fine_tune_epochs to 0 and leave data.domains empty")
     validate_continual(config)
 
 

@@ -38,7 +38,17 @@ from .device import autocast_dtype
 from .errors import UserError
 from .model import LatticeStudent, StudentOutput, build_model
 from .teacher import load_teacher
-from .train import _Loop, _train_epoch, build_optimizer, student_loss, warmup_steps
+from .train import _Loop, _train_epoch, baselines, build_optimizer, student_loss, warmup_steps
+from .transfer import (
+    TransferTable,
+    carry_optimizer_state,
+    init_source,
+    log_table,
+    stage_config,
+    transfer_maps,
+    transfer_options,
+    transfer_weights,
+)
 from .transform import EmbeddingTransformer
 
 logger = logging.getLogger(__name__)
@@ -235,10 +245,13 @@ def multi_loop(config: Config, student: MultiTeacherStudent, optimizer: torch.op
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     teachers = list(data.teachers.items())
 
-    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        return sum(student_loss(student, td.train[idx], config, name) for name, td in teachers) / len(teachers)
+    loop = _Loop(config, student, optimizer, device, dtype, scaler, total, warmup_steps(total))
 
-    return _Loop(config, student, optimizer, device, dtype, scaler, total, warmup_steps(total), batch_loss=batch_loss)
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # loop.model: the cube grows under train.grow_schedule
+        return sum(student_loss(loop.model, td.train[idx], config, name) for name, td in teachers) / len(teachers)
+
+    loop.batch_loss = batch_loss
+    return loop
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -310,26 +323,18 @@ def multi_data_from(data, teachers: Mapping[str, Any], config: Config) -> MultiD
     Each teacher's bank is the corpus (train + validation) embedded by that teacher, so ``decode_top1/<t>`` has
     the same candidates for every teacher; the extra teachers embed nothing beyond the corpus (shared cache).
     """
-    from .train import baselines
-
     texts = list(dict.fromkeys(data.train_texts + data.val_texts))
     main_vectors = torch.cat([data.train, data.val])
     row = {t: i for i, t in enumerate(data.train_texts + data.val_texts)}  # first occurrence wins below
     main_bank = main_vectors[[row[t] for t in texts]]
-    base = baselines(data, config)
-    out = {PRIMARY_TEACHER: TeacherData(data.train, data.val, build_bank(texts, main_bank), {
-        "baseline_pca_cosine": base["baseline_pca_cosine"], "baseline_mean_cosine": base["baseline_mean_cosine"]})}
+    out = {PRIMARY_TEACHER: TeacherData(data.train, data.val, build_bank(texts, main_bank))}
     cache = EmbeddingCache.from_config(config.data)
-    k = config.lattice.face_numbers
     for name, teacher in teachers.items():
         vectors = embed_with_cache(teacher, texts, cache)
         index = {t: i for i, t in enumerate(texts)}
         train, val = (vectors[[index[t] for t in ts]] for ts in (data.train_texts, data.val_texts))
-        out[name] = TeacherData(train, val, build_bank(texts, vectors), {
-            "baseline_pca_cosine": M.baseline_pca_cosine(train, val, k),
-            "baseline_mean_cosine": M.baseline_mean_cosine(train, val),
-        })
-    return MultiData(data.train_texts, data.val_texts, out)
+        out[name] = TeacherData(train, val, build_bank(texts, vectors))
+    return stage_teacher_data(MultiData(data.train_texts, data.val_texts, out), data, config)
 
 
 def load_source(folder: str | Path) -> tuple[MultiTeacherStudent, dict[str, TeacherConfig]]:
@@ -352,21 +357,11 @@ def initial_multi(config: Config, teacher_dims: Mapping[str, int],
     With ``train.init_from`` the cube comes from that checkpoint by ``cnn3d.transfer`` (any lattice size); every
     teacher the checkpoint knows by name keeps its maps (resampled when the face changed); the others are new.
     """
-    from .transfer import init_source, log_table, transfer_maps, transfer_options, transfer_weights
-
-    student = MultiTeacherStudent(config, teacher_dims)
+    student = MultiTeacherStudent(stage_config(config, 0), teacher_dims)
     if not init_source(config):
         return student, {}, []
     source, source_teachers = load_source(config.train.init_from)
-    table = transfer_weights(source.core, student.core, **transfer_options(config))  # names what cannot
-    table.source = str(config.train.init_from)
-    table.copied = [f"core.{e}" for e in table.copied]
-    table.resampled = [f"core.{e}" for e in table.resampled]
-    table.fresh = [f"core.{e}" for e in table.fresh]
-    for name in student.heads:
-        if name in source.teacher_dims:
-            transfer_maps(source.maps(name), student.heads[name], f"heads.{name}.", table, config.train.transfer_face)
-    table.dropped += [f"maps of teacher {n}" for n in source.teachers if n not in student.teacher_dims]
+    table = fill_from(source, student, str(config.train.init_from))
     for name, tcfg in teachers.items():
         old = source_teachers.get(name)
         if old is not None and (old.model, old.pooling, old.normalize) != (tcfg.model, tcfg.pooling, tcfg.normalize):
@@ -374,6 +369,48 @@ def initial_multi(config: Config, teacher_dims: Mapping[str, int],
                            old.model, old.pooling)
     log_table(table)
     return student, {"transfer": table.as_dict()}, [n for n in student.teachers if n not in source.teacher_dims]
+
+
+def fill_from(source: MultiTeacherStudent, target: MultiTeacherStudent, source_name: str) -> TransferTable:
+    """Fill ``target`` from ``source`` by ``cnn3d.transfer``: the cube (``core``, any lattice size) and the maps of
+    every teacher both know by name (resampled when the face changed); returns the ``TransferTable`` (entries
+    ``core.*`` and ``heads.<t>.*``). The target's other teachers keep their fresh maps."""
+    options = transfer_options(target.config)
+    table = transfer_weights(source.core, target.core, **options)  # names what cannot
+    table.source = source_name
+    table.copied = [f"core.{e}" for e in table.copied]
+    table.resampled = [f"core.{e}" for e in table.resampled]
+    table.fresh = [f"core.{e}" for e in table.fresh]
+    for name in target.heads:
+        if name in source.teacher_dims:
+            transfer_maps(source.maps(name), target.heads[name], f"heads.{name}.", table, options["face_map"])
+    table.dropped += [f"maps of teacher {n}" for n in source.teachers if n not in target.teacher_dims]
+    return table
+
+
+def grow_multi(student: MultiTeacherStudent, stage: Config,
+               device: torch.device) -> tuple[MultiTeacherStudent, TransferTable]:
+    """``cnn3d.transfer.grow`` for several teachers: a student for ``stage`` (seeded by ``train.seed``), every
+    teacher kept, filled from ``student``; returns it and the ``TransferTable``."""
+    target = MultiTeacherStudent(stage, student.teacher_dims)
+    table = fill_from(student, target, "x".join(map(str, student.dims)))
+    return target.to(device), table
+
+
+def stage_teacher_data(multi: MultiData, data, stage: Config) -> MultiData:
+    """``multi`` with every teacher's baselines for ``stage``'s face: the PCA ceiling keeps as many components as
+    the face has numbers, so it changes when the cube grows (the main teacher's come from ``baselines``, memoised)."""
+    k = stage.lattice.face_numbers
+    out = {}
+    for name, td in multi.teachers.items():
+        if name == PRIMARY_TEACHER:
+            base = baselines(data, stage)
+        else:
+            base = {"baseline_pca_cosine": M.baseline_pca_cosine(td.train, td.val, k),
+                    "baseline_mean_cosine": M.baseline_mean_cosine(td.train, td.val)}
+        out[name] = TeacherData(td.train, td.val, td.bank, {key: base[key] for key in (
+            "baseline_pca_cosine", "baseline_mean_cosine")})
+    return MultiData(multi.train_texts, multi.val_texts, out)
 
 
 def _resumed(ckpt, config: Config, teacher_dims: Mapping[str, int]) -> tuple[MultiTeacherStudent, dict, list[str]]:
@@ -386,9 +423,9 @@ def _resumed(ckpt, config: Config, teacher_dims: Mapping[str, int]) -> tuple[Mul
     if dims != dict(teacher_dims):
         raise UserError(f"cannot resume from {ckpt.folder}: its teachers are {_dims_text(dims)}, this run's "
                         f"{_dims_text(teacher_dims)}; pass the same teacher.extra or train into a new --out")
-    student = MultiTeacherStudent(config, dims)
+    student = MultiTeacherStudent(stage_config(config, max(ckpt.epochs_done - 1, 0)), dims)  # the saved stage's cube
     load_weights(ckpt, student, "cpu")
-    meta = {"transfer": ckpt.meta["transfer"]} if "transfer" in ckpt.meta else {}
+    meta = {k: ckpt.meta[k] for k in ("transfer", "grow") if k in ckpt.meta}
     return student, meta, list(ckpt.meta.get("new_teachers", []))
 
 
@@ -418,7 +455,9 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
         precheck(config)
     extra = {n: _load_extra(n, t, device) for n, t in teachers.items() if n != PRIMARY_TEACHER}
     data = data or prepare_data(config, device, progress=show)
-    multi = multi_data_from(data, extra, config)
+    first_epoch = resume.epochs_done if resume else 0
+    face_numbers = stage_config(config, first_epoch).lattice.face_numbers
+    multi = multi_data_from(data, extra, stage_config(config, first_epoch))  # ceilings for the first epoch's face
     dims = {n: td.train.shape[1] for n, td in multi.teachers.items()}
     student, meta, new = initial_multi(config, dims, teachers) if resume is None else _resumed(resume, config, dims)
     student.to(device)
@@ -429,24 +468,38 @@ def train_multiteacher(config: Config, device: torch.device, callbacks, out_dir,
     generator = torch.Generator().manual_seed(config.train.seed)
     history, examples, loop = [], [], None
     total = config.train.main_epochs
-    first_epoch = resume.epochs_done if resume else 0
+    first_dims = stage_config(config, 0).lattice.dims
     for epoch in range(total):
         order = torch.randperm(len(multi.train_texts), generator=generator)  # replayed for skipped epochs on resume
         if epoch < first_epoch:
             continue
         frozen = epoch < frozen_epochs
-        if loop is None or epoch == frozen_epochs:  # the frozen-cube stage, then everything
-            optimizer = build_optimizer(student, config, student.trainable(new if frozen else ()))
-            if resume is not None and first_epoch == epoch != frozen_epochs:  # the stage the checkpoint was saved in
+        if loop is None:  # the student's optimiser as built, or as the checkpoint saved it (its last epoch's stage)
+            was_frozen = (epoch - (1 if resume else 0)) < frozen_epochs
+            optimizer = build_optimizer(student, config, student.trainable(new if was_frozen else ()),
+                                        grown=student.dims != first_dims)
+            if resume is not None:
                 load_optimizer(resume, optimizer, device)
-            if loop is None:
-                loop = multi_loop(config, student, optimizer, multi, device, total)
-                loop.step = resume.step if resume else 0
+            loop = multi_loop(config, student, optimizer, multi, device, total)
+            loop.step = resume.step if resume else 0
+        stage = stage_config(config, epoch)
+        if stage.lattice.dims != student.dims:  # train.grow_schedule: every teacher moves to the next stage's cube
+            student, table = grow_multi(loop.model, stage, device)
+            optimizer = build_optimizer(student, config, student.trainable(new if frozen else ()), grown=True)
+            carried = carry_optimizer_state(loop.optimizer, loop.model, optimizer, student)
+            log_table(table)
+            logger.info("grew the cube at epoch %d; optimiser moments carried for %d tensors", epoch + 1, carried)
+            meta.setdefault("grow", []).append({"epoch": epoch + 1, **table.as_dict()})
+            loop.model, loop.optimizer = student, optimizer
+        elif frozen_epochs and epoch == frozen_epochs:  # the frozen-cube stage is over: everything trains
+            optimizer = build_optimizer(student, config, student.trainable(()), grown=student.dims != first_dims)
             loop.optimizer = optimizer
+        if stage.lattice.face_numbers != face_numbers:  # each teacher's ceiling for this epoch's face
+            multi, face_numbers = stage_teacher_data(multi, data, stage), stage.lattice.face_numbers
         epoch_start = time.perf_counter()
         phase = "new_teacher" if frozen else "main"
         metrics = {"epoch": epoch + 1, **_train_epoch(loop, None, order, phase, f"epoch {epoch + 1}/{total}", show),
-                   **data.cache_metrics, **_main_metrics(student, data, config, device),
+                   **data.cache_metrics, **_main_metrics(student, data, stage, device),
                    **evaluate_multi(student, multi)}
         examples = metrics.pop("_examples")
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start

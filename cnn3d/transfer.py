@@ -12,8 +12,9 @@ size-free parametrisation is argued in docs/transfer.md.
 
 Size-dependent fixed patterns (the distant links, the functional expert's inside mask) are
 buffers built at construction: the target keeps its own, drawn by the same rule at its size --
-except that ``embed`` (same depth) carries the source's distant links into the embedded block,
-since a trained cell can depend on which partners its links reach (``embed_links``).
+except that ``embed`` (to a face as large or larger and a depth as deep or deeper) carries the source's
+distant links into the embedded block, since a trained cell can depend on which partners its links
+reach (``embed_links``).
 ``transfer_weights`` returns a ``TransferTable`` naming what was copied, resampled, freshly
 initialised, redrawn or dropped; the trainer logs it and keeps it in the checkpoint's meta.
 """
@@ -166,18 +167,19 @@ def fresh_complement(fresh: torch.Tensor, axis: int, src: tuple[int, int, int], 
 
 
 def embeds(src_dims: tuple[int, int, int], dst_dims: tuple[int, int, int]) -> bool:
-    """Whether ``embed`` places the whole source lattice inside a larger target: same depth, a face as large or larger."""
-    return (src_dims != dst_dims and src_dims[0] == dst_dims[0] and src_dims[1] <= dst_dims[1]
-            and src_dims[2] <= dst_dims[2])
+    """Whether ``embed`` places the whole source lattice inside a larger target: as deep or deeper, a face as large
+    or larger."""
+    return src_dims != dst_dims and all(s <= d for s, d in zip(src_dims, dst_dims))
 
 
 def embed_links(src: torch.Tensor, src_dims: tuple[int, int, int], dst: torch.Tensor,
                 dst_dims: tuple[int, int, int]) -> torch.Tensor:
     """The target's distant links ``dst [N', L]`` with the source's ``src [N, L]`` carried into the embedded block.
 
-    The block sits where ``embed`` puts the face (offset ``(n' - n) // 2`` on each face axis, same depth), so a
-    cell of the block links to the same partners, at the same places, as it did in the source; cells outside
-    the block keep the links drawn for the target. Without this, a trained cell that leans on its distant
+    The block sits where ``embed`` puts the face (offset ``(n' - n) // 2`` on each face axis); along a deeper
+    target its layers spread from the front face to the back one (``_embedded_index``), so a cell of the block
+    links to the same partners, at the same places, as it did in the source; cells outside the block keep the
+    links drawn for the target. Without this, a trained cell that leans on its distant
     partners can lose its whole function in the transfer (BENCHMARKS.md, issue 11).
     """
     to_target = _embedded_index(src_dims, dst_dims)  # [N] source flat index -> target flat index
@@ -187,10 +189,16 @@ def embed_links(src: torch.Tensor, src_dims: tuple[int, int, int], dst: torch.Te
 
 
 def _embedded_index(src_dims: tuple[int, int, int], dst_dims: tuple[int, int, int]) -> torch.Tensor:
-    """``[N]``: the target flat index of every source cell placed in the middle of the target's face."""
+    """``[N]``: the target flat index of every source cell placed in the middle of the target's face.
+
+    Along depth, layer ``z`` of ``d`` goes to ``round(z (d' - 1) / (d - 1))`` of a target ``d'`` deep: the front
+    face stays the front (where the teacher writes), the back stays the back (where the output is read), and a
+    link between the two still spans the lattice. The same depth maps every layer to itself.
+    """
     d, h, w = src_dims
-    _, h2, w2 = dst_dims
-    z, y, x = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    d2, h2, w2 = dst_dims
+    layers = torch.round(torch.arange(d, dtype=torch.float64) * (d2 - 1) / max(d - 1, 1)).long()  # [d], increasing
+    z, y, x = torch.meshgrid(layers, torch.arange(h), torch.arange(w), indexing="ij")
     return (z * h2 * w2 + (y + (h2 - h) // 2) * w2 + (x + (w2 - w) // 2)).reshape(-1)
 
 
@@ -279,7 +287,7 @@ def transfer_weights(source: LatticeStudent | str | Path, target: LatticeStudent
     ``fresh_directions`` (``train.init_fresh_directions``): when the face grows, the face maps' matrices also
     keep the target's initial weights along the face directions interpolation cannot reach (see
     ``fresh_complement``). ``face_map`` (``train.transfer_face``): ``stretch`` interpolates the face,
-    ``embed`` places it unscaled in the middle of a larger face (and, at the same depth, the distant links of
+    ``embed`` places it unscaled in the middle of a larger face (and, as deep or deeper, the distant links of
     the block with it): the new cells keep the target's initialisation in every tensor that writes or
     normalises the face, and the decoder reads them with zero weights at first. Raises ``TransferError``
     (a ``UserError``) when the cell, expert set or teacher dimension differ.

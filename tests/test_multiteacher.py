@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cnn3d import preset, with_overrides
+from cnn3d.checkpoint import read_checkpoint_meta
 from cnn3d.config import TeacherConfig
 from cnn3d.errors import UserError
 from cnn3d.multiteacher import MultiTeacherStudent, load_multi, multi_loop, prepare_multi, train_multi
@@ -216,6 +217,45 @@ def test_resume_continues_a_two_teacher_run_where_it_stopped(warm_cache, tmp_pat
     assert (tmp_path / "ckpt" / "optimizer.safetensors").is_file()
     with pytest.raises(UserError, match="teacher.extra"):  # another teacher set: one line, nothing trained
         train(with_overrides(config, {"teacher.extra": "cls:mean"}), resume_from=tmp_path / "ckpt", progress=False)
+
+
+def test_two_teachers_grow_the_cube_on_schedule_and_resume_across_the_step(warm_cache, tmp_path, crash_after):
+    """train.grow_schedule with teacher.extra: every teacher's maps move to the grown cube, each teacher's ceiling
+    follows the face of its epoch, each checkpoint loads at its own size, and a run that crashed in the small stage
+    and was resumed ends where a straight run ends."""
+    from cnn3d.train import train
+
+    sets = dict(s.split("=", 1) for s in CLI_SETS)
+    config = with_overrides(preset("test"), {**sets, "lattice.size": 6, "train.main_epochs": 3,
+                                             "train.grow_schedule": "4x1", "data.cache_dir": str(warm_cache),
+                                             "teacher.extra": "cls:cls"})
+    seen = []
+
+    def after_epoch(report):  # the checkpoint of this epoch, loaded as it is
+        student, _ = load_multi(tmp_path / "ckpt")
+        seen.append((report.epoch, student.dims, report.metrics["face_numbers"],
+                     report.metrics["baseline_pca_cosine/cls"]))
+
+    straight = train(config, progress=False)
+    with pytest.raises(crash_after.error):
+        train(config, out_dir=tmp_path / "ckpt", progress=False, callbacks=[after_epoch, crash_after(1)])
+    resumed = train(config, resume_from=tmp_path / "ckpt", out_dir=tmp_path / "ckpt", progress=False,
+                    callbacks=[after_epoch])
+    assert [(e, d) for e, d, _, _ in seen] == [(1, (4, 4, 4)), (2, (6, 6, 6)), (3, (6, 6, 6))]
+    small, big = seen[0], seen[1]
+    assert big[2] > small[2] and big[3] > small[3]  # more face numbers: a higher PCA ceiling for every teacher
+    assert [h["baseline_pca_cosine/cls"] for h in straight.history] == pytest.approx([s[3] for s in seen])
+    for name in ("main", "cls"):
+        assert resumed.metrics[f"val_cosine/{name}"] == pytest.approx(straight.metrics[f"val_cosine/{name}"], abs=1e-5)
+    _, meta = read_checkpoint_meta(tmp_path / "ckpt")
+    assert [g["epoch"] for g in meta["grow"]] == [2] and meta["grow"][0]["source_dims"] == [4, 4, 4]
+    assert any(e.startswith("heads.cls.encode.weight") for e in meta["grow"][0]["resampled"])
+    assert any(e.startswith("core.processor.") for e in meta["grow"][0]["copied"])
+    loaded, _ = load_multi(tmp_path / "ckpt")  # the grown student round-trips for every teacher
+    resumed.model.eval()
+    for name, dim in resumed.model.teacher_dims.items():
+        x = torch.randn(4, dim)
+        torch.testing.assert_close(loaded(x, name).embedding, resumed.model(x, name).embedding, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model", ["/no/such/folder", "nobody/no-such-model"])

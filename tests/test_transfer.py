@@ -35,7 +35,7 @@ def _student(**overrides):
 def test_cell_weights_copy_exactly_and_face_maps_are_resampled():
     source, _ = _student(**{"train.seed": 1})
     target, _ = _student(**{"lattice.size": 6, "lattice.depth": 5})
-    table = transfer_weights(source, target)
+    table = transfer_weights(source, target, face_map="stretch")
     src, dst = source.state_dict(), target.state_dict()
     cell = [k for k in dst if k.startswith(("processor.", "face_io.")) and not k.endswith(".links")]
     assert cell and all(torch.equal(src[k], dst[k]) for k in cell)
@@ -243,12 +243,34 @@ def test_embed_carries_the_distant_links_so_the_embedded_block_mixes_the_same_pa
     outside = torch.ones(4, 6, 6, dtype=torch.bool)
     outside[:, 1:5, 1:5] = False
     assert torch.equal(dst_expert.links[outside.flatten()], drawn[outside.flatten()])
-    # stretch, or another depth, redraws them all (the block has no place to go)
+    # stretch, or a shallower target, redraws them all (the block has no place to go)
     for face_map, dims in (("stretch", {"lattice.size": 6, "lattice.depth": 4}),
-                           ("embed", {"lattice.size": 6, "lattice.depth": 5})):
+                           ("embed", {"lattice.size": 6, "lattice.depth": 3})):
         other, _ = _student(**dims)
         table = transfer_weights(source, other, face_map=face_map)
         assert any(e.startswith("processor.experts.distant.links") for e in table.redrawn)
+
+
+def test_embed_into_a_deeper_cube_spreads_the_blocks_layers_front_to_back_and_keeps_their_links():
+    """Growing 4x4x4 -> 7x6x6: the source's layers 0..3 land on the target's 0, 2, 4, 6 (the front face stays where
+    the teacher writes, the back where the output is read), and each block cell links to its partners' new places."""
+    source, _ = _student(**{"moe.seed": 3})
+    target, _ = _student(**{"lattice.size": 6, "lattice.depth": 7})
+    drawn = target.processor.experts["distant"].links.clone()
+    table = transfer_weights(source, target, face_map="embed")
+    assert any(e.startswith("processor.experts.distant.links") for e in table.resampled)
+    place = torch.full((4, 4, 4), -1, dtype=torch.long)  # source cell (z, y, x) -> target flat index
+    for z, z2 in enumerate((0, 2, 4, 6)):
+        for y in range(4):
+            for x in range(4):
+                place[z, y, x] = (z2 * 6 + y + 1) * 6 + x + 1
+    place = place.flatten()
+    src_links = source.processor.experts["distant"].links
+    dst_links = target.processor.experts["distant"].links
+    assert torch.equal(dst_links[place], place[src_links])
+    outside = torch.ones(7 * 6 * 6, dtype=torch.bool)
+    outside[place] = False
+    assert torch.equal(dst_links[outside], drawn[outside])
 
 
 def test_embed_is_a_config_key_that_growing_uses(tmp_path):
