@@ -258,6 +258,33 @@ def test_two_teachers_grow_the_cube_on_schedule_and_resume_across_the_step(warm_
         torch.testing.assert_close(loaded(x, name).embedding, resumed.model(x, name).embedding, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_a_new_teacher_trains_alone_in_the_small_stage_then_everything_in_the_grown_cube(cli_run, tmp_path):
+    """The frozen-cube stage and a growth step together: epoch 1 trains only the new teacher's maps at the
+    source's size, epoch 2 grows the cube (every teacher's maps with it) and trains everything."""
+    from cnn3d.train import train
+
+    tmp, sets, _ = cli_run
+    before = load_multi(tmp / "ckpt")[0].state_dict()
+    config = with_overrides(preset("test"), {**dict(s.removeprefix("--set=").split("=", 1) for s in sets),
+                                             "train.init_from": str(tmp / "ckpt"), "teacher.extra": "cls:cls,cls2:cls",
+                                             "lattice.size": 6, "train.grow_schedule": "4x1"})
+    seen = []
+
+    def after_epoch(report):
+        student = load_multi(tmp_path / "run")[0]
+        state = student.state_dict()
+        moved = sorted({k.split(".")[1] if k.startswith("heads.") else "core" for k in before
+                        if k in state and not torch.equal(state[k], before[k])})
+        seen.append((student.dims, moved, report.phase))
+
+    result = train(config, out_dir=tmp_path / "run", progress=False, callbacks=[after_epoch])
+    assert seen[0] == ((4, 4, 4), [], "new_teacher")  # only cls2's maps (new, not in the source) trained
+    assert seen[1][0] == (6, 6, 6) and seen[1][2] == "main"
+    assert all(p.requires_grad for p in result.model.parameters())
+    assert result.metrics["baseline_pca_cosine/cls2"] == pytest.approx(result.metrics["baseline_pca_cosine/cls"])
+
+
 @pytest.mark.parametrize("model", ["/no/such/folder", "nobody/no-such-model"])
 def test_unloadable_extra_teacher_is_one_line_and_overwrites_nothing(cli_run, model):
     from cnn3d.cli import train_cli
