@@ -1,6 +1,8 @@
 """Transfer between cube sizes and growing during training, against training from scratch, in one run.
 
     python benchmarks/transfer.py --sentences 800 --source-epochs 5 --epochs 4 --grow 8x2
+    python benchmarks/transfer.py --sentences 0 --epochs 3 --grow 8x1 --grow-only --skip-stretch \
+        --target test --target-set lattice.size=12 lattice.steps=12      # growing into a deeper cube
 
 1. Trains a source student on the ``test`` preset (8x8x8) and saves it.
 2. Trains the target (``wide`` preset, 16x16 face, depth 8) from scratch and from the
@@ -90,12 +92,15 @@ def main() -> None:
                         help="only scratch and the growing runs (one per face map kept): no transfer arms")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    parser.add_argument("--target-set", nargs="*", default=[],
+                        help="key=value overrides for the target only, e.g. lattice.size=12 lattice.steps=12")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     common = {"data.max_sentences": args.sentences, "train.num_threads": args.threads, "train.device": "cpu",
               **dict(s.split("=", 1) for s in args.set)}
     source_cfg = with_overrides(preset("test"), {**common, "train.main_epochs": args.source_epochs})
-    target_cfg = with_overrides(preset(args.target), {**common, "train.main_epochs": args.epochs})
+    target_cfg = with_overrides(preset(args.target), {**common, "train.main_epochs": args.epochs,
+                                                      **dict(s.split("=", 1) for s in args.target_set)})
     device = torch.device("cpu")
     data = prepare_data(target_cfg, device)
     print(f"data: {len(data.train_texts)} train / {len(data.val_texts)} val sentences; threads={args.threads}")
