@@ -160,13 +160,13 @@ class Stencil(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, boundary):
+    def forward(ctx, x, weight, bias, boundary, use_native=False):
         if boundary == "periodic":
             source, padding = F.pad(x, (1,) * 6, mode="circular"), 0
         else:
             source, padding = x, 1
         ctx.save_for_backward(source, weight)
-        ctx.boundary, ctx.padding = boundary, padding
+        ctx.boundary, ctx.padding, ctx.use_native = boundary, padding, use_native
         return F.conv3d(source, weight, bias, padding=padding)
 
     @staticmethod
@@ -183,20 +183,26 @@ class Stencil(torch.autograd.Function):
                 grad_x = F.conv3d(F.pad(grad_out, (1,) * 6, mode="circular"), flipped)
             else:
                 grad_x = F.conv3d(grad_out, flipped, padding=1)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1] and ctx.use_native and native.usable(grad_out, source):
+            # native.c: oneDNN's weight gradient ran at a third of its forward's rate here (BENCHMARKS.md)
+            grad_weight = native.stencil_weight_grad(grad_out, source, ctx.padding)
+        if ctx.needs_input_grad[2] and grad_weight is not None:
+            grad_bias = grad_out.sum((0, 2, 3, 4))
+        if grad_weight is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_out, source, weight, [weight.shape[0]], [1, 1, 1], [ctx.padding] * 3, [1, 1, 1], False,
                 [0, 0, 0], 1, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
-def _stencil_rows(expert, rows: torch.Tensor) -> torch.Tensor:
-    """The local expert on rows ``[B, D, H, W, C]`` (its convolution through ``Stencil``)."""
+def _stencil_rows(expert, rows: torch.Tensor, use_native: bool = False) -> torch.Tensor:
+    """The local expert on rows ``[B, D, H, W, C]`` (its convolution through ``Stencil``; with ``use_native``, its
+    weight gradient from ``native.c`` where the kernels apply)."""
     state = rows.permute(0, 4, 1, 2, 3)  # the channels-last view [B, C, D, H, W]
     if torch.is_autocast_enabled(rows.device.type):  # Stencil's backward assumes one dtype throughout
         return expert(state).permute(0, 2, 3, 4, 1)
     conv = expert.stencil
-    out = Stencil.apply(state, conv.weight, conv.bias, expert_boundary(conv))
+    out = Stencil.apply(state, conv.weight, conv.bias, expert_boundary(conv), use_native)
     if expert.mlp is not None:
         out = out + expert.mlp(state)
     return out.permute(0, 2, 3, 4, 1)
@@ -491,7 +497,7 @@ def fused_step(processor, rows: torch.Tensor, proj_params=None) -> tuple[torch.T
     outs = []
     for name, expert in processor.experts.items():
         if expert_kind(name) == "local":  # local2, ... (continual.new_expert) are local experts too
-            outs.append(_stencil_rows(expert, rows))
+            outs.append(_stencil_rows(expert, rows, processor.native))
         elif name == "functional":
             outs.append(_functional(expert, rows, columns["functional_gate_score"],
                                     columns["functional_value"], processor.native))

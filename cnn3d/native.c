@@ -452,3 +452,68 @@ int cnn3d_functional_backward(const float *score, int64_t score_stride, const fl
                          read, readers, read_t, scratch, score_stride, value_stride, k, batch, n, c};
     return parallel_over_batch(functional_backward_chunk, &a, batch, threads);
 }
+
+/* ------------------------------------------------------------------ stencil weight gradient
+ * grad_w[k, o, i] = sum_b sum_p g[b, p, o] * x[b, p + off_k - pad, i] for the 27 offsets k = (kz * 3 + ky) * 3 + kx
+ * of a 3x3x3 convolution, stride 1. g [B, D, H, W, Co] and x [B, Dx, Hx, Wx, Ci] are channels-last rows; with
+ * pad = 1, x has the output's size and reads past its border are zeros (skipped); with pad = 0, x is the
+ * circularly padded source (D + 2, ...). oneDNN's weight gradient ran at a third of its forward's rate on these
+ * shapes; here each offset and block of four output channels keeps its 4 x 16 sums in registers over every
+ * position of the thread's samples, so the loop is loads and FMAs only.
+ * partial [threads, 27, Co, Ci] (written, not added to): the caller sums the threads' rows.
+ */
+typedef struct {
+    const float *g, *x;
+    float *partial;
+    int64_t d, h, w, co, ci, pad;
+} wgrad_args;
+
+#define WG_O 4  /* output channels per register block */
+#define WG_I 16 /* input channels per register block */
+
+static void wgrad_block(const wgrad_args *a, int64_t b0, int64_t b1, int kz, int ky, int kx, int64_t o0, int64_t i0,
+                        float *restrict out) {
+    const int64_t d = a->d, h = a->h, w = a->w, co = a->co, ci = a->ci, pad = a->pad;
+    const int64_t dx = d + 2 - 2 * pad, hx = h + 2 - 2 * pad, wx = w + 2 - 2 * pad;
+    /* output positions whose source lies inside x */
+    const int64_t z_lo = pad - kz > 0 ? pad - kz : 0, z_hi = dx - kz + pad < d ? dx - kz + pad : d;
+    const int64_t y_lo = pad - ky > 0 ? pad - ky : 0, y_hi = hx - ky + pad < h ? hx - ky + pad : h;
+    const int64_t x_lo = pad - kx > 0 ? pad - kx : 0, x_hi = wx - kx + pad < w ? wx - kx + pad : w;
+    float acc[WG_O][WG_I] = {{0.0f}};
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t z = z_lo; z < z_hi; z++)
+            for (int64_t y = y_lo; y < y_hi; y++) {
+                const float *restrict grow = a->g + (((b * d + z) * h + y) * w) * co + o0;
+                const float *restrict xrow =
+                    a->x + (((b * dx + z + kz - pad) * hx + y + ky - pad) * wx + kx - pad) * ci + i0;
+                for (int64_t p = x_lo; p < x_hi; p++) {
+                    const float *restrict gv = grow + p * co;
+                    const float *restrict xv = xrow + p * ci;
+                    for (int oo = 0; oo < WG_O; oo++) {
+                        const float gs = gv[oo];
+#pragma omp simd
+                        for (int ii = 0; ii < WG_I; ii++) acc[oo][ii] += gs * xv[ii];
+                    }
+                }
+            }
+    for (int oo = 0; oo < WG_O; oo++)
+        for (int ii = 0; ii < WG_I; ii++) out[(o0 + oo) * ci + i0 + ii] = acc[oo][ii];
+}
+
+static void wgrad_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
+    const wgrad_args *a = (const wgrad_args *)p;
+    const int64_t co = a->co, ci = a->ci;
+    float *part = a->partial + (int64_t)thread * 27 * co * ci;
+    for (int k = 0; k < 27; k++)
+        for (int64_t o0 = 0; o0 < co; o0 += WG_O)
+            for (int64_t i0 = 0; i0 < ci; i0 += WG_I)
+                wgrad_block(a, b0, b1, k / 9, (k / 3) % 3, k % 3, o0, i0, part + (int64_t)k * co * ci);
+}
+
+/* Returns -1 (nothing done) unless Co is a multiple of 4 and Ci of 16; the caller uses torch's then. */
+int cnn3d_stencil_weight_grad(const float *g, const float *x, float *partial, int64_t batch, int64_t d, int64_t h,
+                              int64_t w, int64_t co, int64_t ci, int64_t pad, int threads) {
+    if (co % WG_O || ci % WG_I) return -1;
+    wgrad_args a = {g, x, partial, d, h, w, co, ci, pad};
+    return parallel_over_batch(wgrad_chunk, &a, batch, threads);
+}

@@ -47,6 +47,7 @@ _SIGNATURES = {
     "cnn3d_functional_forward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 6 + [_i64] * 4 + [_int],
     "cnn3d_functional_backward": [_ptr, _i64, _ptr, _i64] + [_ptr] * 9 + [_i64] * 4 + [_int],
     "cnn3d_functional_scratch": [_i64] * 3,
+    "cnn3d_stencil_weight_grad": [_ptr] * 3 + [_i64] * 7 + [_int],
 }
 
 
@@ -312,3 +313,19 @@ def link_backward(flat, weights, links, grad_out, need_flat: bool, need_weights:
     kernels().cnn3d_link_backward(_p(flat), _p(weights), _p(grad_out), _p(grad_flat), _p(partial), _p(links), b, n,
                                   num_links, c, _threads())
     return grad_flat, None if partial is None else partial.sum(0).to(weights.dtype)
+
+
+def stencil_weight_grad(grad_out: torch.Tensor, source: torch.Tensor, padding: int) -> torch.Tensor | None:
+    """The weight gradient ``[Co, Ci, 3, 3, 3]`` of a 3x3x3 convolution (stride 1) of ``source`` with ``padding``
+    (1: zero borders, same size; 0: ``source`` is already padded), from ``grad_out [B, Co, D, H, W]``; both
+    channels-last. None when the kernel does not take these channels (Co a multiple of 4, Ci of 16)."""
+    b, co, d, h, w = grad_out.shape
+    ci = source.shape[1]
+    if co % 4 or ci % 16:
+        return None
+    g = grad_out.permute(0, 2, 3, 4, 1).contiguous()  # [B, D, H, W, Co] rows (a view when channels-last)
+    x = source.permute(0, 2, 3, 4, 1).contiguous()
+    threads = min(_threads(), b)
+    partial = grad_out.new_empty(threads, 27, co, ci)
+    used = kernels().cnn3d_stencil_weight_grad(_p(g), _p(x), _p(partial), b, d, h, w, co, ci, padding, threads)
+    return partial[:used].sum(0).view(3, 3, 3, co, ci).permute(3, 4, 0, 1, 2)
