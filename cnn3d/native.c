@@ -1,5 +1,6 @@
-/* Hand-written CPU kernels for three parts of the fused lattice step (cnn3d/fused.py): the
- * distant links' mix, the gated update, and the whole functional expert.
+/* Hand-written CPU kernels for four parts of the fused lattice step (cnn3d/fused.py): the
+ * distant links' mix, the gated update, the whole functional expert, and the local expert's
+ * weight gradient (its convolution itself stays oneDNN's).
  *
  * Built on first use by cnn3d/native.py with the system C compiler and loaded through ctypes;
  * without a compiler the step runs the same maths as torch ops. Each kernel is one pass over
