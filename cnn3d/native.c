@@ -461,7 +461,7 @@ int cnn3d_functional_backward(const float *score, int64_t score_stride, const fl
  * circularly padded source (D + 2, ...). oneDNN's weight gradient ran at a third of its forward's rate on these
  * shapes; here each offset and block of four output channels keeps its 4 x 16 sums in registers over every
  * position of the thread's samples, so the loop is loads and FMAs only.
- * partial [threads, 27, Co, Ci] (written, not added to): the caller sums the threads' rows.
+ * partial [threads, 27, Co, Ci] (zeroed here, then summed into): the caller sums the threads' rows.
  */
 typedef struct {
     const float *g, *x;
@@ -480,7 +480,9 @@ static void wgrad_block(const wgrad_args *a, int64_t b0, int64_t b1, int kz, int
     const int64_t z_lo = pad - kz > 0 ? pad - kz : 0, z_hi = dx - kz + pad < d ? dx - kz + pad : d;
     const int64_t y_lo = pad - ky > 0 ? pad - ky : 0, y_hi = hx - ky + pad < h ? hx - ky + pad : h;
     const int64_t x_lo = pad - kx > 0 ? pad - kx : 0, x_hi = wx - kx + pad < w ? wx - kx + pad : w;
-    float acc[WG_O][WG_I] = {{0.0f}};
+    float acc[WG_O][WG_I];
+    for (int oo = 0; oo < WG_O; oo++)
+        for (int ii = 0; ii < WG_I; ii++) acc[oo][ii] = out[(o0 + oo) * ci + i0 + ii];
     for (int64_t b = b0; b < b1; b++)
         for (int64_t z = z_lo; z < z_hi; z++)
             for (int64_t y = y_lo; y < y_hi; y++) {
@@ -505,10 +507,13 @@ static void wgrad_chunk(const void *p, int64_t b0, int64_t b1, int thread) {
     const wgrad_args *a = (const wgrad_args *)p;
     const int64_t co = a->co, ci = a->ci;
     float *part = a->partial + (int64_t)thread * 27 * co * ci;
-    for (int k = 0; k < 27; k++)
-        for (int64_t o0 = 0; o0 < co; o0 += WG_O)
-            for (int64_t i0 = 0; i0 < ci; i0 += WG_I)
-                wgrad_block(a, b0, b1, k / 9, (k / 3) % 3, k % 3, o0, i0, part + (int64_t)k * co * ci);
+    memset(part, 0, (size_t)(27 * co * ci) * sizeof(float));
+    /* one sample at a time: its rows of g and x stay in cache over the 27 x (Co / 4) passes */
+    for (int64_t b = b0; b < b1; b++)
+        for (int k = 0; k < 27; k++)
+            for (int64_t o0 = 0; o0 < co; o0 += WG_O)
+                for (int64_t i0 = 0; i0 < ci; i0 += WG_I)
+                    wgrad_block(a, b, b + 1, k / 9, (k / 3) % 3, k % 3, o0, i0, part + (int64_t)k * co * ci);
 }
 
 /* Returns -1 (nothing done) unless Co is a multiple of 4 and Ci of 16; the caller uses torch's then. */
