@@ -52,12 +52,10 @@ def main() -> None:
         print(f"\nseed {seed}: {len(data.train_texts)} train sentences; target ceilings "
               + ", ".join(f"{t} {c:.4f}" for t, c in ceilings.items()))
         for name, run in runs.items():
-            row = []
-            for m in run.history:
-                fractions = "/".join(f"{m[f'val_cosine_fraction/{t}']:.3f}" for t in TEACHERS)
-                row.append(f"e{m['epoch']} face {int(m['face_numbers'])}: {fractions}")
-            curve = points(run.history)
-            print(f"  {name:10} " + " | ".join(f"{r} @{s:.0f}s" for r, (_, s, _) in zip(row, curve)))
+            cells = [f"e{m['epoch']} face {int(m['face_numbers'])}: "
+                     + "/".join(f"{m[f'val_cosine_fraction/{t}']:.3f}" for t in TEACHERS) + f" @{seconds:.0f}s"
+                     for m, (_, seconds, _) in zip(run.history, points(run.history))]
+            print(f"  {name:10} " + " | ".join(cells))
         grown = points(runs[f"grow {args.grow}"].history)
         end, values = grown[-1][1], grown[-1][2]
         done = [v for _, s, v in points(runs["fixed"].history) if s <= end]

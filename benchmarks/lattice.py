@@ -50,12 +50,12 @@ def timed(fn, device) -> float:
     return CLOCK() - start
 
 
-def _previous_local(expert, rows):
+def _previous_local(expert, rows, use_native=False):
     """Issue 13's first fused step: the local expert's own ``Conv3d`` (oneDNN forward and backward)."""
     return expert(rows.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
 
 
-def _previous_distant(expert, value):
+def _previous_distant(expert, value, use_native=False):
     """Issue 13's first fused step: gather the partners ``[B, N, links, C]`` and mix them with one matmul."""
     b, d, h, w, c = value.shape
     flat = value.reshape(b, d * h * w, c)

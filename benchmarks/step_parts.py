@@ -62,7 +62,7 @@ def _stand_ins(model) -> dict[str, dict]:
     return {
         "all": {},
         "split": {(fused.Projection, "apply"): _split_projection},
-        "no-stencil": {(fused.Stencil, "apply"): lambda x, w, b, boundary: _Copy.apply(x) + 0 * (w.sum() + b.sum())},
+        "no-stencil": {(fused.Stencil, "apply"): lambda x, w, b, *_: _Copy.apply(x) + 0 * (w.sum() + b.sum())},
         "no-functional": {(fused.NativeFunctional, "apply"): lambda score, value, bias, tables:
                           _Copy.apply(value.contiguous()) + 0 * (bias.sum() + score.sum())},
         "no-links": {(fused.NativeLinkMix, "apply"): lambda flat, w, links: _Copy.apply(flat) + 0 * w.sum()},

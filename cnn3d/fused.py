@@ -155,7 +155,8 @@ class Stencil(torch.autograd.Function):
     copied into a padded tensor; wrapped (``periodic``) borders pad circularly here. The forward is
     torch's own convolution; the backward computes the input gradient as a forward convolution of
     the output gradient with the flipped, transposed kernel — oneDNN's forward is about 4x faster
-    than its data-gradient pass on these shapes — and only the weight and bias gradients through
+    than its data-gradient pass on these shapes. The weight gradient comes from ``native.c`` with
+    ``use_native`` (where the kernels apply), else, with the bias gradient, from
     ``convolution_backward``.
     """
 
@@ -184,11 +185,12 @@ class Stencil(torch.autograd.Function):
             else:
                 grad_x = F.conv3d(grad_out, flipped, padding=1)
         if ctx.needs_input_grad[1] and ctx.use_native and native.usable(grad_out, source):
-            # native.c: oneDNN's weight gradient ran at a third of its forward's rate here (BENCHMARKS.md)
+            # native.c: oneDNN's weight gradient ran at a third of its forward's rate here (BENCHMARKS.md);
+            # None for channel counts the kernel does not take
             grad_weight = native.stencil_weight_grad(grad_out, source, ctx.padding)
-        if ctx.needs_input_grad[2] and grad_weight is not None:
-            grad_bias = grad_out.sum((0, 2, 3, 4))
-        if grad_weight is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        if grad_weight is not None:
+            grad_bias = grad_out.sum((0, 2, 3, 4)) if ctx.needs_input_grad[2] else None
+        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_out, source, weight, [weight.shape[0]], [1, 1, 1], [ctx.padding] * 3, [1, 1, 1], False,
                 [0, 0, 0], 1, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])

@@ -35,6 +35,7 @@ MAX_LINKS = 256  # as in native.c
 MAX_OFFSETS = 256  # as in native.c
 MAX_EXPERTS = 16  # as in native.c
 MAX_CHANNELS = 512  # as in native.c
+WGRAD_OUT_BLOCK, WGRAD_IN_BLOCK = 4, 16  # as in native.c (WG_O, WG_I): the weight gradient's channel blocks
 MAX_THREADS = 64  # the most threads one kernel call uses (rows of the link weights' partial sums)
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -318,10 +319,11 @@ def link_backward(flat, weights, links, grad_out, need_flat: bool, need_weights:
 def stencil_weight_grad(grad_out: torch.Tensor, source: torch.Tensor, padding: int) -> torch.Tensor | None:
     """The weight gradient ``[Co, Ci, 3, 3, 3]`` of a 3x3x3 convolution (stride 1) of ``source`` with ``padding``
     (1: zero borders, same size; 0: ``source`` is already padded), from ``grad_out [B, Co, D, H, W]``; both
-    channels-last. None when the kernel does not take these channels (Co a multiple of 4, Ci of 16)."""
+    channels-last. None when the kernel does not take these channels (Co a multiple of ``WGRAD_OUT_BLOCK``, Ci
+    of ``WGRAD_IN_BLOCK``)."""
     b, co, d, h, w = grad_out.shape
     ci = source.shape[1]
-    if co % 4 or ci % 16:
+    if co % WGRAD_OUT_BLOCK or ci % WGRAD_IN_BLOCK:
         return None
     g = grad_out.permute(0, 2, 3, 4, 1).contiguous()  # [B, D, H, W, Co] rows (a view when channels-last)
     x = source.permute(0, 2, 3, 4, 1).contiguous()
