@@ -50,7 +50,8 @@ def main() -> None:
         final = runs["fixed"].metrics
         ceilings = {t: final[f"baseline_pca_cosine/{t}"] for t in TEACHERS}  # the target face's, both arms
         print(f"\nseed {seed}: {len(data.train_texts)} train sentences; target ceilings "
-              + ", ".join(f"{t} {c:.4f}" for t, c in ceilings.items()))
+              + ", ".join(f"{t} {c:.4f}" for t, c in ceilings.items()) + "; mean-vector floors "
+              + ", ".join(f"{t} {final[f'baseline_mean_cosine/{t}']:.4f}" for t in TEACHERS))
         for name, run in runs.items():
             cells = [f"e{m['epoch']} face {int(m['face_numbers'])}: "
                      + "/".join(f"{m[f'val_cosine_fraction/{t}']:.3f}" for t in TEACHERS) + f" @{seconds:.0f}s"
