@@ -128,23 +128,25 @@ def test_gated_update_matches_torch_outputs_and_gradients(threads):
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape, padding", [((3, 16, 4, 5, 6), 1), ((2, 16, 3, 4, 5), 0), ((4, 32, 2, 3, 2), 1)])
-def test_stencil_weight_gradient_matches_torch(shape, padding, threads):
+@pytest.mark.parametrize("shape, co, padding", [((3, 16, 4, 5, 6), 16, 1), ((2, 16, 3, 4, 5), 16, 0),
+                                                ((4, 32, 2, 3, 2), 32, 1), ((2, 16, 3, 3, 4), 28, 1)])
+def test_stencil_weight_gradient_matches_torch(shape, co, padding, threads):
     """``native.stencil_weight_grad`` against torch's convolution backward: zero borders (padding 1) and a source
-    already padded (periodic, padding 0), a lattice thinner than the stencil, more channels than one block."""
+    already padded (periodic, padding 0), a lattice thinner than the stencil, more channels than one block, and
+    28 output channels (on AVX-512 builds: a block of 16, one of 8 and one of the generic 4)."""
     b, c, d, h, w = shape
     generator = torch.Generator().manual_seed(5)
     grow = 2 - 2 * padding
     source = torch.randn(b, d + grow, h + grow, w + grow, c, generator=generator).permute(0, 4, 1, 2, 3)
-    grad_out = torch.randn(b, d, h, w, c, generator=generator).permute(0, 4, 1, 2, 3)  # channels-last views
-    weight = torch.randn(c, c, 3, 3, 3, generator=generator)
+    grad_out = torch.randn(b, d, h, w, co, generator=generator).permute(0, 4, 1, 2, 3)  # channels-last views
+    weight = torch.randn(co, c, 3, 3, 3, generator=generator)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = native.stencil_weight_grad(grad_out, source, padding)
     finally:
         torch.set_num_threads(previous)
-    expected = torch.ops.aten.convolution_backward(grad_out, source, weight, [c], [1] * 3, [padding] * 3, [1] * 3,
+    expected = torch.ops.aten.convolution_backward(grad_out, source, weight, [co], [1] * 3, [padding] * 3, [1] * 3,
                                                    False, [0] * 3, 1, [False, True, False])[1]
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
