@@ -32,7 +32,7 @@ import torch
 
 from cnn3d import build_model, preset, with_overrides
 from cnn3d.train import baselines, evaluate, prepare_data, train
-from cnn3d.transfer import initial_student
+from cnn3d.transfer import initial_student, refit_readout
 
 FRACTIONS = (0.5, 0.7, 0.8, 0.9)
 
@@ -70,6 +70,18 @@ def at_time(points, seconds: float) -> float | None:
     return done[-1] if done else None
 
 
+def start_point(cfg, data, device) -> tuple[int, float, float]:
+    """(0, val_cosine, seconds) of the student a run of ``cfg`` starts training from: the transfer of
+    ``train.init_from`` and the readout refit, as ``train`` does them (the same seeds: the same weights)."""
+    t0 = time.perf_counter()
+    seeded, _ = initial_student(cfg, data.teacher_dim, device)
+    refit = cfg.train.readout_refit == "always" or (cfg.train.readout_refit == "transfer" and cfg.train.init_from)
+    if refit:
+        refit_readout(seeded, data.train, 8 * cfg.train.batch_size, device)
+    seconds = time.perf_counter() - t0
+    return 0, evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"], seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=800, help="data.max_sentences (built-in corpus)")
@@ -88,6 +100,9 @@ def main() -> None:
                         help="add an embed arm per value of train.transfer_lr_mult (the default arm uses the config's)")
     parser.add_argument("--grow-cube-lr", type=float, nargs="*", default=[],
                         help="add an embed growing arm per value of train.grow_lr_mult")
+    parser.add_argument("--refit-nulls", action="store_true",
+                        help="add the readout refit's nulls: the embed arm and each growing arm without it "
+                             "(train.readout_refit=never), and scratch with it (always)")
     parser.add_argument("--grow-only", action="store_true",
                         help="only scratch and the growing runs (one per face map kept): no transfer arms")
     parser.add_argument("--threads", type=int, default=1)
@@ -127,25 +142,30 @@ def main() -> None:
             variants[f"transfer embed cube lr x{mult:g}"] = {"train.transfer_face": "embed", "train.transfer_lr_mult": mult}
         if args.fresh:
             variants["transfer stretch+fresh"] = {"train.transfer_face": "stretch", "train.init_fresh_directions": True}
+        if args.refit_nulls:
+            variants["transfer embed no refit"] = {"train.transfer_face": "embed", "train.readout_refit": "never"}
         variant_cfgs = {} if args.grow_only else {n: with_overrides(transfer_cfg, c) for n, c in variants.items()}
-        transfer_seconds = {}
+        if args.refit_nulls and not args.grow_only:
+            variant_cfgs["scratch refit"] = with_overrides(target_cfg, {"train.readout_refit": "always"})
+        starts = {}
         print(f"before training: scratch val_cosine {untrained['val_cosine']:.4f} | source on its own face "
               f"{sm['val_cosine']:.4f}")
         for name, cfg in variant_cfgs.items():
-            t0 = time.perf_counter()
-            seeded, _ = initial_student(cfg, data.teacher_dim, device)
-            transfer_seconds[name] = time.perf_counter() - t0
-            value = evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"]
-            print(f"before training: {name} {value:.4f} ({value / ceiling:.3f} of ceiling; transfer step "
-                  f"{transfer_seconds[name]:.1f}s)")
+            starts[name] = start_point(cfg, data, device)
+            _, value, seconds = starts[name]
+            print(f"before training: {name} {value:.4f} ({value / ceiling:.3f} of ceiling; transfer step and readout "
+                  f"refit {seconds:.1f}s)")
 
         runs = {"scratch": curve(train(target_cfg, data=data, progress=False).history)}
         for name, cfg in variant_cfgs.items():
-            runs[name] = curve(train(cfg, data=data, progress=False).history, transfer_seconds[name])
+            runs[name] = [starts[name]] + curve(train(cfg, data=data, progress=False).history, starts[name][2])
         if args.grow:
             for face in faces:
                 grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow, "train.transfer_face": face})
                 runs[f"grow {args.grow} {face}"] = curve(train(grow_cfg, data=data, progress=False).history)
+                if args.refit_nulls:
+                    never = with_overrides(grow_cfg, {"train.readout_refit": "never"})
+                    runs[f"grow {args.grow} {face} no refit"] = curve(train(never, data=data, progress=False).history)
             for mult in args.grow_cube_lr:
                 grow_cfg = with_overrides(target_cfg, {"train.grow_schedule": args.grow, "train.transfer_face": "embed",
                                                        "train.grow_lr_mult": mult})
@@ -171,8 +191,11 @@ def report(runs: dict[str, list], ceiling: float, args) -> None:
         hits = first_reaching(scratch, 0.9 * ceiling), first_reaching(points, 0.9 * ceiling)
         if all(hits):
             between = crossing(scratch, 0.9 * ceiling), crossing(points, 0.9 * ceiling)
+            trained = first_reaching([p for p in points if p[0] > 0], 0.9 * ceiling)  # a dip after the start counts
             print(f"  {name}/scratch epochs to 0.9 x ceiling: {hits[1][0] / hits[0][0]:.2f} (target <= 0.5); "
-                  f"interpolated {between[1]:.2f}/{between[0]:.2f} = {between[1] / between[0]:.2f}")
+                  f"interpolated {between[1]:.2f}/{between[0]:.2f} = {between[1] / between[0]:.2f}; seconds "
+                  f"{hits[1][1]:.0f}/{hits[0][1]:.0f} = {hits[1][1] / hits[0][1]:.2f}; first trained epoch at the mark "
+                  + (f"{trained[0]} ({trained[0] / hits[0][0]:.2f})" if trained else f"none in {args.epochs}"))
         else:
             print(f"  {name}: 0.9 x ceiling not reached by both arms within the epochs run: ratio not measured")
     for name, grow in [(n, p) for n, p in runs.items() if n.startswith("grow")]:

@@ -230,6 +230,12 @@ class TrainConfig:
         0.3, "With train.init_from: learning-rate multiplier of the cube (gate and experts), which starts trained; the "
         "face maps, partly new, keep their own lr (docs/transfer.md).", low=0.01, high=1.0, log=True, tune=False,
     )
+    readout_refit: Literal["transfer", "always", "never"] = param(
+        "transfer", "Fit the face->teacher map's linear part to the training set by ridge regression over the back "
+        "face (one forward pass) before training: 'transfer' after train.init_from and each growth step (the new face "
+        "cells are read from the first step), 'always' also from scratch, 'never' (docs/transfer.md; single-teacher "
+        "runs).", choices=("transfer", "always", "never"), tune=False,
+    )
     grow_lr_mult: float = param(
         1.0, "With train.grow_schedule: learning-rate multiplier of the cube (gate and experts) after each growth step, "
         "as train.transfer_lr_mult is for train.init_from; the face maps keep their own lr (docs/transfer.md).",

@@ -50,7 +50,8 @@ from .memory import SavedActivations, run_peak_mb, state_bytes
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
-from .transfer import carry_optimizer_state, grow, init_source, initial_student, log_table, precheck, stage_config
+from .transfer import (carry_optimizer_state, grow, init_source, initial_student, log_table, precheck, refit_readout,
+                       stage_config)
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +172,12 @@ def prepare_data(config: Config, device: torch.device, progress: bool = False) -
 
 
 def build_optimizer(model: torch.nn.Module, config: Config,
-                    trainable: Sequence[torch.nn.Parameter] | None = None, grown: bool = False) -> torch.optim.AdamW:
+                    trainable: Sequence[torch.nn.Parameter] | None = None, grown: bool = False,
+                    refitted: bool = False) -> torch.optim.AdamW:
     """AdamW with one parameter group per expert group, each at ``train.lr * lr_mult_<group>``
     (times ``train.transfer_lr_mult`` for the gate and experts of a run with ``train.init_from``, and
-    times ``train.grow_lr_mult`` for them once the cube has ``grown``).
+    times ``train.grow_lr_mult`` for them once the cube has ``grown``; for the face maps too when the
+    readout was just ``refitted``).
 
     ``model`` has ``parameter_groups()`` (a ``LatticeStudent`` or a ``MultiTeacherStudent``);
     ``trainable``, when given, keeps only those parameters (a frozen-cube stage).
@@ -189,6 +192,9 @@ def build_optimizer(model: torch.nn.Module, config: Config,
     }
     # a cube that starts trained (train.init_from) moves slower than its partly new face maps
     cube = (t.transfer_lr_mult if init_source(config) else 1.0) * (t.grow_lr_mult if grown else 1.0)
+    # a refitted readout is no longer partly new: the maps fine-tune with the cube (at full lr, Adam's first
+    # steps rewrite the encoder rows the fit reads, and the start was lost within an epoch; BENCHMARKS.md)
+    maps = cube if refitted else 1.0
     groups = []
     keep = None if trainable is None else {id(p) for p in trainable}
     for name, params in model.parameter_groups().items():
@@ -199,7 +205,7 @@ def build_optimizer(model: torch.nn.Module, config: Config,
         if keep is not None:
             params = [p for p in params if id(p) in keep]
         if params:
-            lr = t.lr * mult[expert_kind(name)] * (1.0 if name == "transform" else cube)
+            lr = t.lr * mult[expert_kind(name)] * (maps if name == "transform" else cube)
             groups.append({"params": params, "lr": lr, "name": name})
     if not groups:  # e.g. a stage that trains only face maps, with every map frozen
         raise UserError("nothing left to train: train.freeze_transforms=true freezes the face maps, the only "
@@ -428,7 +434,12 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
     data = data or prepare_data(config, device, progress=show)
     # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
     model, transfer_meta = initial_student(config, data.teacher_dim, device, resume.folder if resume else None)
-    optimizer = build_optimizer(model, config)
+    fit = None
+    if resume is None and (init_source(config) or config.train.readout_refit == "always"):
+        fit = _refit_readout(model, config, data, device)
+        if fit is not None:  # kept in the checkpoints' meta: with the transfer's table, or on its own from scratch
+            (transfer_meta["transfer"] if init_source(config) else transfer_meta)["readout_refit"] = fit
+    optimizer = build_optimizer(model, config, refitted=fit is not None)  # on resume, the saved groups' lrs load
     plan = epoch_plan(config)
     first_epoch, step = _resume(resume, model, optimizer, device, data.teacher_dim) if resume else (0, 0)
     dtype = autocast_dtype(config.train.precision, device)
@@ -450,7 +461,7 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
             continue
         source = data.warmup if phase == "warmup" and data.warmup_texts else data.train
         epoch_start = time.perf_counter()
-        stage = _grow_if_due(loop, config, epoch, transfer_meta)
+        stage = _grow_if_due(loop, config, epoch, transfer_meta, data)
         model, optimizer = loop.model, loop.optimizer
         metrics = {"epoch": epoch + 1, **_train_epoch(loop, source, order, phase, f"epoch {epoch + 1}/{len(plan)}", show),
                    **data.cache_metrics}
@@ -481,7 +492,7 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
                        transfer_meta.get("transfer"))
 
 
-def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:
+def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict, data: TrainingData) -> Config:
     """Under ``train.grow_schedule``, swap in a larger student (and its optimiser) when ``epoch`` starts a stage.
 
     Returns the config of this epoch's cube (what its baselines and checkpoint describe).
@@ -490,13 +501,34 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict) -> Config:
     if stage.lattice.dims == loop.model.dims:
         return stage
     model, table = grow(loop.model, stage, loop.device)
-    optimizer = build_optimizer(model, stage, grown=True)
+    step = table.as_dict()
+    fit = _refit_readout(model, stage, data, loop.device)
+    if fit is not None:
+        step["readout_refit"] = fit
+    optimizer = build_optimizer(model, stage, grown=True, refitted=fit is not None)
     carried = carry_optimizer_state(loop.optimizer, loop.model, optimizer, model)
     log_table(table)
     logger.info("grew the cube at epoch %d; optimiser moments carried for %d tensors", epoch + 1, carried)
-    meta.setdefault("grow", []).append({"epoch": epoch + 1, **table.as_dict()})
+    meta.setdefault("grow", []).append({"epoch": epoch + 1, **step})
     loop.model, loop.optimizer = model, optimizer
     return stage
+
+
+def _refit_readout(model, config: Config, data: TrainingData, device: torch.device) -> dict[str, float] | None:
+    """``train.readout_refit`` (unless ``never``): the readout fitted over the training set's back faces
+    (``refit_readout``); what it did, for the checkpoint's meta, or None."""
+    if config.train.readout_refit == "never":
+        return None
+    if not isinstance(model, LatticeStudent):
+        return None
+    fit = refit_readout(model, data.train, 8 * config.train.batch_size, device)
+    if fit is None:
+        logger.info("train.readout_refit: transform.kind=%s has no linear readout to refit; left as it was",
+                    config.transform.kind)
+        return None
+    logger.info("readout refitted over %d training sentences: train cosine %.4f -> %.4f (%.1f s)", fit["rows"],
+                fit["cosine_before"], fit["cosine_after"], fit["seconds"])
+    return fit
 
 
 SYNC_EVERY = 16  # micro-batches between host syncs (loss check, progress bar): each sync stalls a GPU queue

@@ -22,6 +22,7 @@ initialised, redrawn or dropped; the trainer logs it and keeps it in the checkpo
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .checkpoint import load_weights, read_checkpoint_meta
 from .config import Config, flatten, grow_stages, with_overrides
 from .errors import UserError
 from .model import LatticeStudent, build_model
+from .transform import Residual
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +426,7 @@ def initial_student(config: Config, teacher_dim: int, device: torch.device,
     if resume_from:
         _, meta = read_checkpoint_meta(resume_from)
         first = max(0, int(meta.get("epochs_done", 0)) - 1)
-        extra = {k: meta[k] for k in ("transfer", "grow") if k in meta}
+        extra = {k: meta[k] for k in ("transfer", "grow", "readout_refit") if k in meta}
     model = build_model(stage_config(config, first), teacher_dim)
     if init_source(config) and not resume_from:
         source, source_config, _ = load_student(config.train.init_from)
@@ -455,3 +457,55 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_model: LatticeStudent,
             new.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old.state[q].items()}
             carried += 1
     return carried
+
+
+# --------------------------------------------------------------------------- the readout, refitted
+
+REFIT_RIDGE = 1e-3  # ridge, relative to the back face features' mean square (LayerNorm'd: about 1)
+
+
+@torch.no_grad()
+def refit_readout(model: LatticeStudent, inputs: torch.Tensor, batch_size: int,
+                  device: torch.device) -> dict[str, float] | None:
+    """Fit the face->teacher map's linear part to ``inputs [n, T]`` (teacher embeddings, the targets too) by
+    ridge regression over the back face, after a transfer or a growth step; None where the decoder has no
+    linear part (``transform.kind=autoencoder``).
+
+    A transferred cube reads its new face cells at zero (``embed``), so the cells the teacher now writes
+    carry information no readout uses yet; gradient steps find it over an epoch, a least-squares solve
+    over one forward pass finds it at once (BENCHMARKS.md, issue 11). The cube and the encoder are left
+    as they are. With ``z`` the LayerNorm'd back face ``[n, F]``, the skip (or linear) map ``W`` solves
+    ``(z^T z + r I) W^T = z^T (Y - body(z))`` (``r``: ``REFIT_RIDGE`` times the mean of ``diag(z^T z)``); a linear
+    map's bias is fitted alongside, unpenalised (a column of ones).
+    Returns the training rows' mean cosine before and after, the rows and the seconds taken.
+    """
+    started = time.perf_counter()
+    decode = model.transform.decode
+    skip, body = (decode.skip, decode.body) if isinstance(decode, Residual) else (decode, None)
+    if not isinstance(skip, torch.nn.Linear):
+        return None
+    was_training = model.training
+    model.eval()  # no dropout: the solve sees the back face the validation sees
+    faces, before = [], []
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i:i + batch_size].to(device)
+        out = model(x)
+        faces.append(model.transform.norm_out(out.face_out.flatten(1)).double())
+        before.append(F.cosine_similarity(out.embedding.float(), x.float(), dim=-1))
+    model.train(was_training)
+    z = torch.cat(faces)  # [n, F]
+    target = inputs.to(device).double()
+    if body is not None:
+        target = target - torch.cat([body(z[i:i + batch_size].float()).double() for i in range(0, len(z), batch_size)])
+    features = torch.cat([z, z.new_ones(len(z), 1)], 1) if skip.bias is not None else z
+    gram = features.T @ features
+    ridge = torch.zeros(len(gram), dtype=gram.dtype, device=gram.device)
+    ridge[:z.shape[1]] = REFIT_RIDGE * gram.diagonal()[:z.shape[1]].mean()  # the bias goes unpenalised
+    solution = torch.linalg.solve(gram + torch.diag(ridge), features.T @ target).T  # [T, F (+1)]
+    skip.weight.copy_(solution[:, :z.shape[1]])
+    if skip.bias is not None:
+        skip.bias.copy_(solution[:, -1])
+    fitted = features @ solution.T + (inputs.to(device).double() - target)
+    after = F.cosine_similarity(fitted, inputs.to(device).double(), dim=-1).mean().item()
+    return {"rows": float(len(z)), "cosine_before": torch.cat(before).mean().item(), "cosine_after": after,
+            "seconds": time.perf_counter() - started}

@@ -14,9 +14,11 @@ from cnn3d.config import ConfigError
 from cnn3d.errors import UserError
 from cnn3d.train import prepare_data, train
 from cnn3d.transfer import (
+    REFIT_RIDGE,
     TransferError,
     _interp_matrix,
     load_student,
+    refit_readout,
     resample_face,
     stage_config,
     transfer_weights,
@@ -293,19 +295,90 @@ def test_a_transferred_cube_trains_at_transfer_lr_mult_of_its_face_maps(init_fro
     lrs = {g["name"]: g["lr"] for g in build_optimizer(build_model(config, 16), config).param_groups}
     assert lrs["transform"] == pytest.approx(1e-2)
     assert lrs["gating"] == pytest.approx(1e-2 * cube) and lrs["local"] == pytest.approx(2e-2 * cube)
+    # once the readout is refitted the maps are no longer partly new: they fine-tune with the cube
+    refitted = {g["name"]: g["lr"] for g in build_optimizer(build_model(config, 16), config, refitted=True).param_groups}
+    assert refitted["transform"] == pytest.approx(1e-2 * cube) and refitted["gating"] == pytest.approx(1e-2 * cube)
 
 
-def test_a_grown_cube_trains_at_grow_lr_mult_of_its_face_maps(tiny, tmp_path):
-    """After a growth step the gate and experts move at ``train.grow_lr_mult`` of their lr; the face maps at theirs."""
+@pytest.mark.parametrize("refit, maps", [("never", 1e-2), ("transfer", 2.5e-3)])
+def test_a_grown_cube_trains_at_grow_lr_mult_of_its_face_maps(tiny, tmp_path, refit, maps):
+    """After a growth step the gate and experts move at ``train.grow_lr_mult`` of their lr; the face maps at theirs,
+    or with the cube once the readout was refitted at the growth step."""
     config, data = tiny
     grown = with_overrides(config, {"lattice.size": 6, "train.main_epochs": 2, "train.grow_schedule": "4x1",
-                                    "train.lr": 1e-2, "train.grow_lr_mult": 0.25, "train.scheduler": "constant"})
+                                    "train.lr": 1e-2, "train.grow_lr_mult": 0.25, "train.scheduler": "constant",
+                                    "train.readout_refit": refit})
     train(grown, data=data, out_dir=tmp_path / "run", progress=False)
     groups = json.loads((tmp_path / "run" / "optimizer.json").read_text())["param_groups"]
     lrs = {g["name"]: g["base_lr"] for g in groups}
-    assert lrs["transform"] == pytest.approx(1e-2)
+    assert lrs["transform"] == pytest.approx(maps)
     assert lrs["gating"] == pytest.approx(2.5e-3) and lrs["local"] == pytest.approx(2.5e-3)
+    assert ("readout_refit" in read_checkpoint_meta(tmp_path / "run")[1]["grow"][0]) == (refit == "transfer")
     from cnn3d.train import build_optimizer  # before any growth: one lr for all
 
     small = build_optimizer(build_model(grown, 16), grown)
     assert {g["name"]: g["lr"] for g in small.param_groups}["gating"] == pytest.approx(1e-2)
+
+
+def _face_features(model, x):
+    with torch.no_grad():
+        return model.transform.norm_out(model(x).face_out.flatten(1)).double()
+
+
+def test_readout_refit_solves_the_ridge_equations_of_a_linear_readout():
+    """``refit_readout`` leaves the cube and encoder alone and puts the linear decoder at the ridge optimum over the
+    back faces: ``z^T (Y - z W^T - b) = r W^T`` with an unpenalised bias (``z^T`` row sums of the residual vanish)."""
+    model, _ = _student(**{"transform.kind": "linear"})
+    x = torch.randn(96, 384, generator=torch.Generator().manual_seed(1))
+    encoder = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("transform.decode")}
+    fit = refit_readout(model, x, 32, torch.device("cpu"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder.items())
+    z, decode = _face_features(model, x), model.transform.decode
+    residual = x.double() - z @ decode.weight.double().T - decode.bias.double()
+    ridge = REFIT_RIDGE * (z * z).sum(0).mean()
+    torch.testing.assert_close(z.T @ residual, ridge * decode.weight.double().T, atol=2e-3, rtol=1e-3)
+    assert residual.sum(0).abs().max() < 1e-2  # the bias: no penalty, so the mean residual is zero
+    with torch.no_grad():
+        after = torch.nn.functional.cosine_similarity(model(x).embedding, x).mean().item()
+    assert fit["cosine_after"] == pytest.approx(after, abs=1e-4) and after > fit["cosine_before"] + 0.1
+    assert fit["rows"] == 96
+
+
+def test_readout_refit_fits_the_skip_of_a_residual_readout_and_skips_a_readout_without_one():
+    """``hierarchical``: the linear skip is fitted with the MLP body held fixed; ``autoencoder`` has no linear part
+    (None, nothing changed)."""
+    x = torch.randn(64, 384, generator=torch.Generator().manual_seed(2))
+    model, _ = _student(**{"transform.kind": "hierarchical", "transform.hidden_sizes": (32,)})
+    body = {k: v.clone() for k, v in model.transform.decode.body.state_dict().items()}
+    fit = refit_readout(model, x, 16, torch.device("cpu"))
+    assert all(torch.equal(v, model.transform.decode.body.state_dict()[k]) for k, v in body.items())
+    with torch.no_grad():
+        after = torch.nn.functional.cosine_similarity(model(x).embedding, x).mean().item()
+    assert fit["cosine_after"] == pytest.approx(after, abs=1e-4) and after > fit["cosine_before"]
+    plain, _ = _student(**{"transform.kind": "autoencoder", "transform.hidden_sizes": (32,)})
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    assert refit_readout(plain, x, 16, torch.device("cpu")) is None
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_readout_refit_follows_its_key_and_is_kept_in_the_meta(tiny, small_checkpoint, tmp_path):
+    """``transfer`` (default) refits after ``--init-from`` and says so in the transfer's table; ``never`` does not;
+    ``always`` refits a scratch run too, and a default scratch run is not refitted."""
+    config, data = tiny
+    big = with_overrides(config, {"lattice.size": 6, "train.init_from": str(small_checkpoint)})
+    for mode in ("transfer", "never"):
+        train(with_overrides(big, {"train.readout_refit": mode}), data=data, out_dir=tmp_path / mode, progress=False)
+    refit = read_checkpoint_meta(tmp_path / "transfer")[1]["transfer"]["readout_refit"]
+    assert refit["cosine_after"] > refit["cosine_before"] and refit["rows"] == len(data.train)
+    assert "readout_refit" not in read_checkpoint_meta(tmp_path / "never")[1]["transfer"]
+    for mode, together in (("transfer", True), ("never", False)):  # refitted maps fine-tune with the cube
+        lrs = {g["name"]: g["base_lr"] for g in
+               json.loads((tmp_path / mode / "optimizer.json").read_text())["param_groups"]}
+        assert (lrs["transform"] == pytest.approx(lrs["gating"])) == together
+    scratch = with_overrides(config, {"train.readout_refit": "always"})
+    train(scratch, data=data, out_dir=tmp_path / "scratch", progress=False)
+    meta = read_checkpoint_meta(tmp_path / "scratch")[1]
+    assert "transfer" not in meta and meta["readout_refit"]["cosine_after"] > meta["readout_refit"]["cosine_before"]
+    train(config, data=data, out_dir=tmp_path / "default", progress=False)
+    assert "readout_refit" not in read_checkpoint_meta(tmp_path / "default")[1]  # scratch: off by default
