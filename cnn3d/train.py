@@ -50,8 +50,16 @@ from .memory import SavedActivations, run_peak_mb, state_bytes
 from .model import LatticeStudent, build_model
 from .synthetic import generate_sentences
 from .teacher import load_teacher
-from .transfer import (carry_optimizer_state, grow, init_source, initial_student, log_table, precheck, refit_readout,
-                       stage_config)
+from .transfer import (
+    carry_optimizer_state,
+    grow,
+    init_source,
+    initial_student,
+    log_table,
+    precheck,
+    refit_readout,
+    stage_config,
+)
 
 logger = logging.getLogger(__name__)
 
