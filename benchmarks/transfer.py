@@ -9,8 +9,11 @@
    source (``train.init_from``), once per face map (``train.transfer_face``: ``embed``, the
    default, and ``stretch``; ``--skip-embed``/``--skip-stretch`` leave one out), same data,
    seed and schedule; the trained cube (gate, experts) at ``train.transfer_lr_mult`` of the maps'
-   lr (``--cube-lr 1`` adds an arm without that). Prints val_cosine right
-   after the transfer (before any training) beside an untrained target, then per epoch
+   lr (``--cube-lr 1`` adds an arm without that); every transferred arm with its readout refitted
+   (``train.readout_refit``, the default; ``--refit-nulls`` adds the arm without it and scratch with
+   it, an untrained cube's fitted readout). Prints val_cosine right
+   after the transfer and the refit (before any training; epoch 0 of the curves) beside an untrained
+   target, then per epoch
    val_cosine, its fraction of the target's PCA ceiling and the cumulative seconds, and
    the epochs and seconds each arm needs to reach 0.5/0.7/0.8/0.9 x the ceiling.
 3. Trains the target with ``train.grow_schedule`` (small first, then the target size; once
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 from cnn3d import build_model, preset, with_overrides
-from cnn3d.train import baselines, evaluate, prepare_data, train
+from cnn3d.train import REFIT_BATCHES, baselines, evaluate, prepare_data, train
 from cnn3d.transfer import initial_student, refit_readout
 
 FRACTIONS = (0.5, 0.7, 0.8, 0.9)
@@ -77,7 +80,7 @@ def start_point(cfg, data, device) -> tuple[int, float, float]:
     seeded, _ = initial_student(cfg, data.teacher_dim, device)
     refit = cfg.train.readout_refit == "always" or (cfg.train.readout_refit == "transfer" and cfg.train.init_from)
     if refit:
-        refit_readout(seeded, data.train, 8 * cfg.train.batch_size, device)
+        refit_readout(seeded, data.train, REFIT_BATCHES * cfg.train.batch_size, device)
     seconds = time.perf_counter() - t0
     return 0, evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"], seconds
 

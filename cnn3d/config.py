@@ -233,8 +233,8 @@ class TrainConfig:
     readout_refit: Literal["transfer", "always", "never"] = param(
         "transfer", "Fit the face->teacher map's linear part to the training set by ridge regression over the back "
         "face (one forward pass) before training: 'transfer' after train.init_from and each growth step (the new face "
-        "cells are read from the first step), 'always' also from scratch, 'never' (docs/transfer.md; single-teacher "
-        "runs).", choices=("transfer", "always", "never"), tune=False,
+        "cells are read from the first step; the face maps then train at the cube's lr), 'always' also from scratch, "
+        "'never' (docs/transfer.md; single-teacher, single-corpus runs).", choices=("transfer", "always", "never"), tune=False,
     )
     grow_lr_mult: float = param(
         1.0, "With train.grow_schedule: learning-rate multiplier of the cube (gate and experts) after each growth step, "

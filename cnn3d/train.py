@@ -522,6 +522,9 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict, data: Trai
     return stage
 
 
+REFIT_BATCHES = 2  # the refit's forward pass runs in batches of this many training batches
+
+
 def _refit_readout(model, config: Config, data: TrainingData, device: torch.device) -> dict[str, float] | None:
     """``train.readout_refit`` (unless ``never``): the readout fitted over the training set's back faces
     (``refit_readout``); what it did, for the checkpoint's meta, or None."""
@@ -529,7 +532,8 @@ def _refit_readout(model, config: Config, data: TrainingData, device: torch.devi
         return None
     if not isinstance(model, LatticeStudent):
         return None
-    fit = refit_readout(model, data.train, 8 * config.train.batch_size, device)
+    # batches of twice the training batch: at 8x the wide cube's states left the cache and the pass took twice as long
+    fit = refit_readout(model, data.train, REFIT_BATCHES * config.train.batch_size, device)
     if fit is None:
         logger.info("train.readout_refit: transform.kind=%s has no linear readout to refit; left as it was",
                     config.transform.kind)
