@@ -462,6 +462,7 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_model: LatticeStudent,
 # --------------------------------------------------------------------------- the readout, refitted
 
 REFIT_RIDGE = 1e-3  # ridge, relative to the back face features' mean square (LayerNorm'd: about 1)
+REFIT_CHECK_ROWS = 2048  # rows whose cosine before and after the fit is reported (the sums need no rows kept)
 
 
 @torch.no_grad()
@@ -476,8 +477,10 @@ def refit_readout(model: LatticeStudent, inputs: torch.Tensor, batch_size: int,
     over one forward pass finds it at once (BENCHMARKS.md, issue 11). The cube and the encoder are left
     as they are. With ``z`` the LayerNorm'd back face ``[n, F]``, the skip (or linear) map ``W`` solves
     ``(z^T z + r I) W^T = z^T (Y - body(z))`` (``r``: ``REFIT_RIDGE`` times the mean of ``diag(z^T z)``); a linear
-    map's bias is fitted alongside, unpenalised (a column of ones).
-    Returns the training rows' mean cosine before and after, the rows and the seconds taken.
+    map's bias is fitted alongside, unpenalised (a column of ones). Only the sums ``z^T z`` and ``z^T Y`` are
+    kept (float64, on the CPU), so memory does not grow with the corpus.
+    Returns the mean cosine to the teacher of the first ``REFIT_CHECK_ROWS`` rows before and after, the rows
+    fitted and the seconds taken.
     """
     started = time.perf_counter()
     decode = model.transform.decode
@@ -486,26 +489,31 @@ def refit_readout(model: LatticeStudent, inputs: torch.Tensor, batch_size: int,
         return None
     was_training = model.training
     model.eval()  # no dropout: the solve sees the back face the validation sees
-    faces, before = [], []
+    gram = cross = None
+    checked: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (features, target, body) of the first rows
+    before = []
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size].to(device)
         out = model(x)
-        faces.append(model.transform.norm_out(out.face_out.flatten(1)).double())
-        before.append(F.cosine_similarity(out.embedding.float(), x.float(), dim=-1))
+        z = model.transform.norm_out(out.face_out.flatten(1)).double().cpu()  # [b, F]
+        rest = body(z.to(device, torch.float32)).double().cpu() if body is not None else torch.zeros_like(z[:, :0])
+        target = x.double().cpu() - (rest if body is not None else 0)
+        features = torch.cat([z, z.new_ones(len(z), 1)], 1) if skip.bias is not None else z
+        gram = features.T @ features if gram is None else gram + features.T @ features
+        cross = features.T @ target if cross is None else cross + features.T @ target
+        if i < REFIT_CHECK_ROWS:
+            checked.append((features, x.double().cpu(), rest))
+            before.append(F.cosine_similarity(out.embedding.float(), x.float(), dim=-1).cpu())
     model.train(was_training)
-    z = torch.cat(faces)  # [n, F]
-    target = inputs.to(device).double()
-    if body is not None:
-        target = target - torch.cat([body(z[i:i + batch_size].float()).double() for i in range(0, len(z), batch_size)])
-    features = torch.cat([z, z.new_ones(len(z), 1)], 1) if skip.bias is not None else z
-    gram = features.T @ features
-    ridge = torch.zeros(len(gram), dtype=gram.dtype, device=gram.device)
-    ridge[:z.shape[1]] = REFIT_RIDGE * gram.diagonal()[:z.shape[1]].mean()  # the bias goes unpenalised
-    solution = torch.linalg.solve(gram + torch.diag(ridge), features.T @ target).T  # [T, F (+1)]
-    skip.weight.copy_(solution[:, :z.shape[1]])
+    width = skip.weight.shape[1]
+    ridge = torch.zeros(len(gram), dtype=gram.dtype)
+    ridge[:width] = REFIT_RIDGE * gram.diagonal()[:width].mean()  # the bias goes unpenalised
+    solution = torch.linalg.solve(gram + torch.diag(ridge), cross).T  # [T, F (+1)]
+    skip.weight.copy_(solution[:, :width])
     if skip.bias is not None:
         skip.bias.copy_(solution[:, -1])
-    fitted = features @ solution.T + (inputs.to(device).double() - target)
-    after = F.cosine_similarity(fitted, inputs.to(device).double(), dim=-1).mean().item()
-    return {"rows": float(len(z)), "cosine_before": torch.cat(before).mean().item(), "cosine_after": after,
+    features, target, rest = (torch.cat(parts)[:REFIT_CHECK_ROWS] for parts in zip(*checked))
+    fitted = features @ solution.T + (rest if body is not None else 0)
+    return {"rows": float(len(inputs)), "cosine_before": torch.cat(before)[:REFIT_CHECK_ROWS].mean().item(),
+            "cosine_after": F.cosine_similarity(fitted, target, dim=-1).mean().item(),
             "seconds": time.perf_counter() - started}
