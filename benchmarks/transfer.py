@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from cnn3d import build_model, preset, with_overrides
-from cnn3d.train import REFIT_BATCHES, baselines, evaluate, prepare_data, train
-from cnn3d.transfer import initial_student, refit_readout
+from cnn3d.train import baselines, evaluate, prepare_data, readout_refit_at_start, refit_for_training, train
+from cnn3d.transfer import initial_student
 
 FRACTIONS = (0.5, 0.7, 0.8, 0.9)
 
@@ -78,9 +78,8 @@ def start_point(cfg, data, device) -> tuple[int, float, float]:
     ``train.init_from`` and the readout refit, as ``train`` does them (the same seeds: the same weights)."""
     t0 = time.perf_counter()
     seeded, _ = initial_student(cfg, data.teacher_dim, device)
-    refit = cfg.train.readout_refit == "always" or (cfg.train.readout_refit == "transfer" and cfg.train.init_from)
-    if refit:
-        refit_readout(seeded, data.train, REFIT_BATCHES * cfg.train.batch_size, device)
+    if readout_refit_at_start(cfg):
+        refit_for_training(seeded, cfg, data, device)
     seconds = time.perf_counter() - t0
     return 0, evaluate(seeded, data, cfg, device, None)["metrics"]["val_cosine"], seconds
 

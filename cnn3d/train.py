@@ -443,8 +443,8 @@ def _train(config, device, callbacks, out_dir, resume: Checkpoint | None, show, 
     # init_from / grow stage; on resume the stage of the last epoch done, whose weights load next
     model, transfer_meta = initial_student(config, data.teacher_dim, device, resume.folder if resume else None)
     fit = None
-    if resume is None and (init_source(config) or config.train.readout_refit == "always"):
-        fit = _refit_readout(model, config, data, device)
+    if resume is None and readout_refit_at_start(config):
+        fit = refit_for_training(model, config, data, device)
         if fit is not None:  # kept in the checkpoints' meta: with the transfer's table, or on its own from scratch
             (transfer_meta["transfer"] if init_source(config) else transfer_meta)["readout_refit"] = fit
     optimizer = build_optimizer(model, config, refitted=fit is not None)  # on resume, the saved groups' lrs load
@@ -510,7 +510,7 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict, data: Trai
         return stage
     model, table = grow(loop.model, stage, loop.device)
     step = table.as_dict()
-    fit = _refit_readout(model, stage, data, loop.device)
+    fit = refit_for_training(model, stage, data, loop.device)
     if fit is not None:
         step["readout_refit"] = fit
     optimizer = build_optimizer(model, stage, grown=True, refitted=fit is not None)
@@ -525,12 +525,18 @@ def _grow_if_due(loop: _Loop, config: Config, epoch: int, meta: dict, data: Trai
 REFIT_BATCHES = 2  # the refit's forward pass runs in batches of this many training batches
 
 
-def _refit_readout(model, config: Config, data: TrainingData, device: torch.device) -> dict[str, float] | None:
+def readout_refit_at_start(config: Config) -> bool:
+    """Whether a fresh run of ``config`` refits its readout before the first step (``train.readout_refit``:
+    ``always``, or ``transfer`` with ``train.init_from``); growth steps refit unless ``never``."""
+    mode = config.train.readout_refit
+    return mode == "always" or (mode == "transfer" and bool(init_source(config)))
+
+
+def refit_for_training(model: LatticeStudent, config: Config, data: TrainingData,
+                       device: torch.device) -> dict[str, float] | None:
     """``train.readout_refit`` (unless ``never``): the readout fitted over the training set's back faces
-    (``refit_readout``); what it did, for the checkpoint's meta, or None."""
+    (``refit_readout``), logged; what it did, for the checkpoint's meta, or None."""
     if config.train.readout_refit == "never":
-        return None
-    if not isinstance(model, LatticeStudent):
         return None
     # batches of twice the training batch: at 8x the wide cube's states left the cache and the pass took twice as long
     fit = refit_readout(model, data.train, REFIT_BATCHES * config.train.batch_size, device)

@@ -496,13 +496,15 @@ def refit_readout(model: LatticeStudent, inputs: torch.Tensor, batch_size: int,
         x = inputs[i:i + batch_size].to(device)
         out = model(x)
         z = model.transform.norm_out(out.face_out.flatten(1)).double().cpu()  # [b, F]
-        rest = body(z.to(device, torch.float32)).double().cpu() if body is not None else torch.zeros_like(z[:, :0])
-        target = x.double().cpu() - (rest if body is not None else 0)
+        teacher = x.double().cpu()
+        # what the MLP body adds (kept fixed); the linear part fits the rest
+        rest = body(z.to(device, torch.float32)).double().cpu() if body is not None else torch.zeros_like(teacher)
+        target = teacher - rest
         features = torch.cat([z, z.new_ones(len(z), 1)], 1) if skip.bias is not None else z
         gram = features.T @ features if gram is None else gram + features.T @ features
         cross = features.T @ target if cross is None else cross + features.T @ target
         if i < REFIT_CHECK_ROWS:
-            checked.append((features, x.double().cpu(), rest))
+            checked.append((features, teacher, rest))
             before.append(F.cosine_similarity(out.embedding.float(), x.float(), dim=-1).cpu())
     model.train(was_training)
     width = skip.weight.shape[1]
@@ -513,7 +515,7 @@ def refit_readout(model: LatticeStudent, inputs: torch.Tensor, batch_size: int,
     if skip.bias is not None:
         skip.bias.copy_(solution[:, -1])
     features, target, rest = (torch.cat(parts)[:REFIT_CHECK_ROWS] for parts in zip(*checked))
-    fitted = features @ solution.T + (rest if body is not None else 0)
+    fitted = features @ solution.T + rest
     return {"rows": float(len(inputs)), "cosine_before": torch.cat(before)[:REFIT_CHECK_ROWS].mean().item(),
             "cosine_after": F.cosine_similarity(fitted, target, dim=-1).mean().item(),
             "seconds": time.perf_counter() - started}
