@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import math
@@ -354,8 +355,7 @@ class FieldSpec:
         return {bool: "bool", int: "int", float: "float", str: "str"}.get(self.type, "tuple")
 
 
-def _field_type(cls: type, name: str) -> Any:
-    hint = typing.get_type_hints(cls)[name]
+def _field_type(hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         return str
@@ -368,14 +368,20 @@ def _field_type(cls: type, name: str) -> Any:
 
 def field_specs() -> dict[str, FieldSpec]:
     """Every dotted key of ``Config`` with its metadata, in declaration order."""
+    return dict(_field_specs())  # a copy: callers may add to it
+
+
+@functools.cache  # the classes do not change; resolving their type hints took ~80 ms a call, per Config built
+def _field_specs() -> dict[str, FieldSpec]:
     specs = {}
     for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             m = f.metadata
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             key = f"{section}.{f.name}"
             specs[key] = FieldSpec(
-                key=key, type=_field_type(cls, f.name), default=default, doc=m.get("doc", ""),
+                key=key, type=_field_type(hints[f.name]), default=default, doc=m.get("doc", ""),
                 low=m.get("low"), high=m.get("high"),
                 choices=tuple(m["choices"]) if m.get("choices") else None,
                 log=m.get("log", False), tune=m.get("tune", True),

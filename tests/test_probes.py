@@ -7,6 +7,7 @@ from cnn3d.errors import UserError
 from cnn3d.probes import (
     builtin_probing_set,
     chance_accuracy,
+    logistic_hessian,
     probe_accuracy,
     read_probing_file,
     ridge_probe_cosine,
@@ -58,3 +59,14 @@ def test_probing_file_errors_are_one_line(tmp_path):
     good = tmp_path / "good.tsv"
     good.write_text("text\tlabel\n" + "".join(f"sentence {i}\t{i % 3}\n" for i in range(30)))
     assert read_probing_file(good).classes("label") == ["0", "1", "2"]
+
+
+def test_logistic_hessian_is_the_per_sample_sum_it_stands_for():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=gen, dtype=torch.double)
+    p = torch.randn(50, 4, generator=gen, dtype=torch.double).softmax(1)
+    expected = torch.zeros(7, 4, 7, 4, dtype=torch.double)
+    for xn, pn in zip(x, p):  # the definition, one sample at a time: x x^T (kron) (diag(p) - p p^T)
+        curvature = torch.diag(pn) - torch.outer(pn, pn)
+        expected += torch.outer(xn, xn)[:, None, :, None] * curvature[None, :, None, :]
+    assert torch.allclose(logistic_hessian(x, p), expected, atol=1e-12)

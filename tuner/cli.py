@@ -17,10 +17,11 @@ logger = logging.getLogger(__name__)
 
 def _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sampler, pruner, trials, timeout,
                    workers, seeds, storage, tracking_uri, report) -> StudySpec:
-    base = load_spec(spec_path) if spec_path else StudySpec()
+    cli_default = StudySpec(workers="auto")  # the command uses the machine; the Python API runs in-process
+    base = load_spec(spec_path, cli_default) if spec_path else cli_default
     given = {
         "name": name, "preset": preset, "sampler": sampler, "pruner": pruner, "trials": trials,
-        "timeout": timeout, "workers": workers, "seeds": seeds, "storage": storage, "tracking_uri": tracking_uri,
+        "timeout": timeout, "workers": _workers_option(workers), "seeds": seeds, "storage": storage, "tracking_uri": tracking_uri,
         "report": report,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -36,6 +37,15 @@ def _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sam
     return spec
 
 
+def _workers_option(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--workers {value!r}: give a whole number of processes (e.g. --workers 2) or auto") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False), help="A study spec YAML (see studies/).")
 @click.option("--param", "params", multiple=True, metavar="KEY[=RANGE]",
@@ -45,7 +55,8 @@ def _spec_from_cli(spec_path, name, preset, params, assignments, objectives, sam
               help="Metric to optimise (repeat for multi-objective). Default val_cosine:max.")
 @click.option("--trials", type=int, default=None, help="Finished trials to add in this run (default 10).")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
-@click.option("--workers", type=int, default=None, help="Worker processes on this machine (default 1).")
+@click.option("--workers", default=None, metavar="N|auto",
+              help="Worker processes on this machine (default auto: one per core on CPU, as memory allows).")
 @click.option("--sampler", type=click.Choice(SAMPLERS[1:]), default=None,
               help="Default: a seeded sweep for one parameter, TPE for several.")
 @click.option("--pruner", type=click.Choice(PRUNERS[1:]), default=None, help="Default: median (single objective).")

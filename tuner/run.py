@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 import torch
+from optuna import distributions as D
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from cnn3d.device import resolve_device, threads_per_worker
+from cnn3d.config import with_overrides
+from cnn3d.device import available_cores, resolve_device, threads_per_worker
 from cnn3d.errors import UserError
 
 from .space import ParamSpace
@@ -316,13 +319,14 @@ class ConfigurationTuner:
             queued = enqueue_sweep(study, spaces[0], spec.trials, spec.seeds, spec.base_config().train.seed)
             logger.info("queued %d sweep trials of %s", queued, spaces[0].key)
         deadline = time.time() + spec.timeout if spec.timeout else None
-        args = (spec, self.storage_url, self.tracking_uri, target, deadline, self.device_name, spec.workers)
+        workers = spec.workers if spec.workers != "auto" else self._auto_workers(spec)
+        args = (spec, self.storage_url, self.tracking_uri, target, deadline, self.device_name, workers)
         tracker.set_status(parent_id, "RUNNING")
         try:
-            if spec.workers == 1:
+            if workers == 1:
                 _worker(*args)
             else:
-                _run_workers(args, spec.workers)
+                _run_workers(args, workers)
         except KeyboardInterrupt:
             reconcile_runs(study, tracker)
             tracker.set_status(parent_id, "KILLED")
@@ -330,6 +334,13 @@ class ConfigurationTuner:
         summary = self._summarise(spec, study, tracker, parent_id, started, before)
         tracker.set_status(parent_id, "FINISHED")
         return summary
+
+    def _auto_workers(self, spec: StudySpec) -> int:
+        base = spec.base_config()
+        device = resolve_device(self.device_name or base.train.device)
+        workers, why = auto_workers(base, spec.spaces(), spec.trials, device)
+        logger.info("--workers auto: %d worker process%s (%s)", workers, "" if workers == 1 else "es", why)
+        return workers
 
     def _open(self, spec: StudySpec) -> tuple[optuna.Study, StudyTracker, str]:
         name = spec.study_name()
@@ -427,6 +438,55 @@ def write_study_report(study, tracker, parent_id) -> str | None:
 
 
 # --------------------------------------------------------------------------- workers
+
+WORKER_BASE_BYTES = 1.5 * 2**30  # a worker before its cube: torch, the teacher, MLflow, Optuna (1.1 GB RSS measured)
+# float32 [batch, cells, channels] tensors a training step keeps per lattice step, at most: about 10 at 8^3 (the
+# run-own peak_memory_mb), 23 for the full preset without checkpointing (BENCHMARKS.md, full_memory.py)
+STATES_PER_STEP = 24
+CUBE_KEYS = ("lattice.size", "lattice.depth", "lattice.height", "lattice.width", "lattice.steps",
+             "lattice.state_size", "train.batch_size")
+
+
+def worker_memory_bytes(config, spaces: list[ParamSpace] = ()) -> float:
+    """A generous estimate of one worker's memory: its process, plus the activations of the largest cube
+    the study's ``spaces`` can sample (each tuned size key at its upper end)."""
+    largest = {}
+    for space in spaces:
+        if space.key in CUBE_KEYS:
+            dist = space.distribution
+            values = dist.choices if isinstance(dist, D.CategoricalDistribution) else (dist.high,)
+            largest[space.key] = max(int(v) for v in values)
+    cube = with_overrides(config, largest) if largest else config
+    lattice = cube.lattice
+    cells = math.prod(lattice.dims)
+    state = 4 * cube.train.batch_size * cells * lattice.state_size
+    return WORKER_BASE_BYTES + STATES_PER_STEP * state * max(1, lattice.steps)
+
+
+def auto_workers(config, spaces: list[ParamSpace], trials: int, device: torch.device, cores: int | None = None,
+                 free_bytes: float | None = None) -> tuple[int, str]:
+    """``--workers auto``: how many worker processes this machine runs well, and why, in words.
+
+    One per core (each then runs single-threaded torch) on CPU, since trials are independent: on 2 cores two
+    single-threaded workers ran the dropout study 1.2-1.4x faster than one with two threads (BENCHMARKS.md;
+    a lone process's threads meet at every small parallel op, and its single-threaded parts leave a core
+    idle). Never more than the trials to run, the cores over ``train.num_threads`` when that is set, or what
+    the free memory holds at ``worker_memory_bytes`` each; one on an accelerator, which the workers would share.
+    ``cores`` and ``free_bytes`` default to this machine's (usable cores, available memory).
+    """
+    if device.type != "cpu":
+        return 1, f"one {device.type} device"
+    cores = available_cores() if cores is None else cores
+    by_cores = max(1, cores // max(1, config.train.num_threads))
+    need = worker_memory_bytes(config, spaces)
+    free = psutil.virtual_memory().available if free_bytes is None else free_bytes
+    by_memory = max(1, int(free // need))
+    workers = max(1, min(by_cores, trials, by_memory))
+    threads = config.train.num_threads or max(1, cores // workers)  # as threads_per_worker gives each worker
+    return workers, (f"{cores} core{'s' * (cores != 1)}, {threads} torch thread{'s' * (threads != 1)} each; "
+                     f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB per worker; "
+                     f"{trials} trial{'s' * (trials != 1)} to run")
+
 
 
 def _run_workers(args: tuple, workers: int) -> None:

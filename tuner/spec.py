@@ -67,7 +67,7 @@ class StudySpec:
     pruner: str = "auto"
     trials: int = 10
     timeout: float | None = None
-    workers: int = 1
+    workers: int | str = 1  # or "auto" (cnn3d-tune's default): see run.auto_workers
     seeds: int = 0  # sweep repeats per value; 0 = as many as the trial budget allows
     storage: str | None = None
     tracking_uri: str | None = None
@@ -112,8 +112,9 @@ class StudySpec:
             raise UserError(f"pruner {self.pruner!r} is unknown; choose one of {', '.join(PRUNERS[1:])}")
         if self.trials < 1:
             raise UserError(f"trials must be at least 1, got {self.trials}")
-        if self.workers < 1:
-            raise UserError(f"workers must be at least 1, got {self.workers}")
+        if self.workers != "auto" and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                       or self.workers < 1):
+            raise UserError(f"workers must be a whole number of at least 1, or auto; got {self.workers!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"timeout must be positive seconds, got {self.timeout}")
         if not self.objectives:
@@ -155,8 +156,9 @@ def _check_schedules(config, spaces: list[ParamSpace]) -> None:
                     raise UserError(f"--param {space.key}: {exc}") from None
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a YAML study spec; errors name the file and the bad key."""
+def load_spec(path: str | Path, base: StudySpec | None = None) -> StudySpec:
+    """Read and validate a YAML study spec; errors name the file and the bad key. Keys it leaves out take
+    ``base``'s values (default: ``StudySpec()``'s)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study spec {path} does not exist; see studies/*.yaml for examples")
@@ -168,7 +170,7 @@ def load_spec(path: str | Path) -> StudySpec:
         raise UserError(f"study spec {path} must be a mapping of keys (name, params, objectives, ...)")
     data.setdefault("name", path.stem)  # studies/dropout.yaml -> study "dropout"
     try:
-        return spec_from_dict(data).validate()
+        return spec_from_dict(data, base).validate()
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
 
@@ -201,6 +203,8 @@ def _coerce_spec_value(key: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise UserError("set must be a mapping of dotted config keys to values")
         return dict(value)
+    if key == "workers" and value == "auto":
+        return value
     if key in ("trials", "workers", "seeds") and (not isinstance(value, int) or isinstance(value, bool)):
         raise UserError(f"{key} must be an integer, got {value!r}")
     if key == "timeout" and value is not None and not isinstance(value, (int, float)):

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cnn3d.config import flatten
+from cnn3d.device import available_cores
 from tuner.run import ConfigurationTuner
 from tuner.spec import StudySpec
 
@@ -154,6 +155,8 @@ def test_postgresql_study(tmp_path, cache_dir):
         (["--spec", "missing.yaml"], "does not exist"),
         ([], "nothing to tune"),
         (["--param", "train.lr", "--trials", "0"], "trials must be at least 1"),
+        (["--param", "train.lr", "--workers", "two"], "--workers 'two': give a whole number"),
+        (["--param", "train.lr", "--workers", "0"], "workers must be a whole number of at least 1, or auto"),
         (["--param", "train.lr", "--set", "lattice.size=1"], "out of range"),
     ],
 )
@@ -179,6 +182,23 @@ def test_four_sqlite_workers_share_one_study_without_lock_errors(tmp_path, cache
     assert not study.get_trials(states=(TrialState.FAIL,))
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
+
+
+@pytest.mark.slow
+def test_the_command_runs_a_worker_per_core_by_default(tmp_path, cache_dir):
+    cmd = tune_cmd(tmp_path, cache_dir, "--param", "transform.dropout=0.0:0.3", "--trials", "2", "--name", "auto",
+                   **{"train.main_epochs": 1})
+    cmd[cmd.index("--log-level") + 1] = "info"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = min(2, available_cores())
+    assert f"--workers auto: {expected} worker process" in proc.stderr, proc.stderr[-2000:]
+    study = optuna.load_study(study_name="auto", storage=f"sqlite:///{tmp_path}/studies.db")
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
+    assert not study.get_trials(states=(TrialState.FAIL,))
+    if expected == 2:  # both trials ran at once, one per worker process
+        first, second = sorted(study.trials, key=lambda t: t.datetime_start)
+        assert second.datetime_start < first.datetime_complete
 
 
 def _wait_for(condition, timeout, interval=0.5):
@@ -258,8 +278,9 @@ def _signal_masks(pid: int) -> str:
 def test_ctrl_c_marks_the_trial_and_the_same_command_resumes(tmp_path, cache_dir):
     storage = f"sqlite:///{tmp_path}/studies.db"
     # 8 tiny epochs: long enough that the interrupt lands inside a trial even when trials are fast
+    # one worker: SIGINT goes to the command's process only (a terminal's Ctrl-C reaches every worker)
     cmd = tune_cmd(tmp_path, cache_dir, "--param", "transform.dropout=0.0:0.2", "--trials", "2", "--name", "intr",
-                   **{"train.main_epochs": 8})
+                   "--workers", "1", **{"train.main_epochs": 8})
     # a shell's background job ignores SIGINT and children inherit that: give the command the default
     # disposition so Python installs its KeyboardInterrupt handler, as it does under a terminal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
