@@ -3,6 +3,11 @@
     python benchmarks/study.py --trials 4                          # this checkout
     python benchmarks/study.py --trials 4 --cli /work/main/.venv/bin/cnn3d-tune --label main
 
+The command runs as a user types it, so with its default ``--workers auto`` (one single-threaded
+worker per core since the eleventh session; ``--extra --workers 1`` for one process). With several
+workers the per-trial parts below are summed over each trial's own time, so they add up to more
+than the wall time per trial.
+
 Runs the real CLI in a fresh folder under /tmp (its own SQLite study, MLflow store and
 report), then reads the timings back from the Optuna storage, so the same breakdown is
 available for any version of the code, instrumented or not:
