@@ -294,7 +294,8 @@ def tune_command(embedding_cache: WarmCache):
         stores = (["--storage", storage] if storage else []) + (["--tracking-uri", tracking_uri] if tracking_uri else [])
         return [
             tool("cnn3d-tune"), "--name", name, *stores, "--trials", str(trials), *TINY_TRIAL,
-            "--set", f"data.cache_dir={embedding_cache.ready()}", "--no-report", "--log-level", "warning", *extra,
+            "--set", f"data.cache_dir={embedding_cache.ready()}", "--no-report", "--log-level", "warning",
+            "--workers", "1", *extra,  # one process per command, like one machine's worker (extra may say more)
         ]
 
     return build

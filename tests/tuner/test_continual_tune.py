@@ -24,6 +24,7 @@ TINY = {"lattice.size": 4, "lattice.steps": 2, "lattice.state_size": 4, "data.ma
 def test_tune_ewc_and_replay_against_forgetting(tmp_path, warm_cache):
     storage, tracking = f"sqlite:///{tmp_path}/studies.db", f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [TUNE, "--name", "cl", "--storage", storage, "--tracking-uri", tracking, "--no-report", "--trials", "2",
+           "--workers", "1",
            "--param", "continual.ewc_lambda", "--param", "continual.replay_fraction",
            "--objective", "avg_final_cosine:max", "--objective", "forgetting:min", "--log-level", "warning"]
     for key, value in {**TINY, "data.cache_dir": str(warm_cache)}.items():

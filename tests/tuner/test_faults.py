@@ -75,6 +75,7 @@ def test_passwords_never_leak_and_worker_logs_reach_stderr(tmp_path, postgres, w
 def test_a_run_whose_every_trial_failed_exits_1_with_one_line(tmp_path):
     # every sampled min_words exceeds the fixed max_words: each trial's config is rejected when it starts
     cmd = [tool("cnn3d-tune"), "--param", "data.min_words=10:20", "--set", "data.max_words=6", "--trials", "2",
+           "--workers", "1",
            "--storage", f"sqlite:///{tmp_path}/s.db", "--tracking-uri", f"sqlite:///{tmp_path}/m/mlflow.db",
            "--no-report", "--log-level", "error"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, cwd=tmp_path)
