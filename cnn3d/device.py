@@ -56,16 +56,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_worker(workers: int, configured: int = 0) -> int:
+def threads_per_worker(workers: int, configured: int = 0, cores: int | None = None) -> int:
     """Torch threads for one of ``workers`` processes sharing this machine: ``configured`` if set
-    (``train.num_threads``), else an equal share of the cores, at least 1.
+    (``train.num_threads``), else an equal share of the ``cores`` (default ``available_cores()``), at least 1.
 
     Two processes each asking for every core oversubscribe them: the threads of one
     wait at every parallel region for threads the other has descheduled.
     """
     if configured:
         return configured
-    return max(1, available_cores() // max(1, workers))
+    return max(1, (available_cores() if cores is None else cores) // max(1, workers))
 
 
 def cpu_model() -> str:

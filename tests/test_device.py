@@ -12,3 +12,4 @@ def test_workers_share_the_cores_instead_of_each_taking_all():
     assert threads_per_worker(2) == max(1, cores // 2)
     assert threads_per_worker(2 * cores + 1) == 1  # never zero threads
     assert threads_per_worker(2, configured=3) == 3  # train.num_threads wins
+    assert threads_per_worker(2, cores=8) == 4 and threads_per_worker(3, cores=2) == 1  # another machine's cores

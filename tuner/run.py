@@ -439,7 +439,7 @@ def write_study_report(study, tracker, parent_id) -> str | None:
 
 # --------------------------------------------------------------------------- workers
 
-WORKER_BASE_BYTES = 1.5 * 2**30  # a worker before its cube: torch, the teacher, MLflow, Optuna (1.1 GB RSS measured)
+WORKER_BASE_BYTES = 1.5 * 2**30  # a worker before its cube: torch, the teacher, MLflow, Optuna (~0.8 GB resident measured)
 # float32 [batch, cells, channels] tensors a training step keeps per lattice step, at most: about 10 at 8^3 (the
 # run-own peak_memory_mb), 23 for the full preset without checkpointing (BENCHMARKS.md, full_memory.py)
 STATES_PER_STEP = 24
@@ -468,7 +468,7 @@ def auto_workers(config, spaces: list[ParamSpace], trials: int, device: torch.de
     """``--workers auto``: how many worker processes this machine runs well, and why, in words.
 
     One per core (each then runs single-threaded torch) on CPU, since trials are independent: on 2 cores two
-    single-threaded workers ran the dropout study 1.2-1.4x faster than one with two threads (BENCHMARKS.md;
+    single-threaded workers ran the dropout study 1.16-1.36x faster than one with two threads (BENCHMARKS.md;
     a lone process's threads meet at every small parallel op, and its single-threaded parts leave a core
     idle). Never more than the trials to run, the cores over ``train.num_threads`` when that is set, or what
     the free memory holds at ``worker_memory_bytes`` each; one on an accelerator, which the workers would share.
@@ -482,11 +482,10 @@ def auto_workers(config, spaces: list[ParamSpace], trials: int, device: torch.de
     free = psutil.virtual_memory().available if free_bytes is None else free_bytes
     by_memory = max(1, int(free // need))
     workers = max(1, min(by_cores, trials, by_memory))
-    threads = config.train.num_threads or max(1, cores // workers)  # as threads_per_worker gives each worker
+    threads = threads_per_worker(workers, config.train.num_threads, cores)
     return workers, (f"{cores} core{'s' * (cores != 1)}, {threads} torch thread{'s' * (threads != 1)} each; "
                      f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB per worker; "
                      f"{trials} trial{'s' * (trials != 1)} to run")
-
 
 
 def _run_workers(args: tuple, workers: int) -> None:
